@@ -1,0 +1,4 @@
+from beechat.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""Draft sources for speculative decoding: a small draft model, or n-gram prompt lookup."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from beechat.config import Sampling
+from beechat.engine.llama import Context, Model
+from beechat.engine.sampling import Distribution, distribution, greedy_token
+
+
+@dataclass(slots=True)
+class Proposal:
+    """Drafted tokens; `dists[i]` is the draft distribution d_i was sampled from, or None when the
+    drafter is deterministic (greedy or n-gram: a one-hot q)."""
+
+    tokens: list[int] = field(default_factory=list)
+    dists: list[Distribution | None] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Drafter(Protocol):
+    kind: str
+
+    def begin(self, history: Sequence[int]) -> None:
+        """A new reply starts from `history`; until the next begin, histories only grow."""
+        ...
+
+    def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
+        """Draft up to n tokens that follow `history` (which ends with the pending token)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], start: int = 0) -> int:
+    """Length of the common prefix of a and b, given that the first `start` items are equal."""
+    n = min(len(a), len(b))
+    start = min(start, n)
+    if n - start > 64:  # long runs compare faster in numpy
+        diff = np.nonzero(np.asarray(a[start:n]) != np.asarray(b[start:n]))[0]
+        return start + int(diff[0]) if diff.size else n
+    for i in range(start, n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class NgramDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the history's last n-gram and propose
+    what followed it. Costs no model; pays on copy-heavy text (edits, code, quoting)."""
+
+    kind = "ngram"
+
+    def __init__(self, sizes: Sequence[int] = (4, 3, 2)) -> None:
+        self.sizes = tuple(sorted(sizes, reverse=True))
+        self._tokens: list[int] = []  # the history the index covers
+        self._index: dict[int, dict[tuple[int, ...], int]] = {s: {} for s in self.sizes}
+
+    def begin(self, history: Sequence[int]) -> None:
+        keep = common_prefix(self._tokens, history)
+        if keep < len(self._tokens):  # a different history (another conversation, a cut): rebuild
+            self._tokens = []
+            self._index = {s: {} for s in self.sizes}
+
+    def _extend_index(self, history: Sequence[int]) -> None:
+        # Index each n-gram ending at j (tokens j-s..j-1) whose continuation history[j] exists;
+        # later occurrences overwrite earlier ones, so lookups find the most recent.
+        for j in range(max(1, len(self._tokens)), len(history)):
+            for s in self.sizes:
+                if j >= s:
+                    self._index[s][tuple(history[j - s:j])] = j
+        self._tokens.extend(history[len(self._tokens):len(history) - 1])
+
+    def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
+        started = time.perf_counter()
+        self._extend_index(history)
+        proposal = Proposal()
+        for s in self.sizes:
+            if len(history) < s:
+                continue
+            start = self._index[s].get(tuple(history[-s:]))
+            if start is not None:
+                proposal.tokens = list(history[start:start + n])
+                proposal.dists = [None] * len(proposal.tokens)
+                break
+        proposal.seconds = time.perf_counter() - started
+        return proposal
+
+    def close(self) -> None:
+        self._tokens = []
+        self._index = {s: {} for s in self.sizes}
+
+
+class DraftModelDrafter:
+    """A small model with the target's vocabulary drafts autoregressively in its own context."""
+
+    kind = "draft"
+
+    def __init__(self, model: Model, context: Context) -> None:
+        self.model = model
+        self.context = context
+        # Recurrent drafts cannot cut their state back across several one-token decodes, so the
+        # state at the start of each draft is saved and restored when drafts are rejected.
+        self._needs_checkpoint = model.is_recurrent or model.is_hybrid
+        self._checkpoint: tuple[int, object] | None = None
+        self._stable = 0  # history[:_stable] is known to equal the cache's first tokens
+
+    def begin(self, history: Sequence[int]) -> None:
+        self._stable = 0
+
+    def sync(self, history: Sequence[int]) -> None:
+        """Bring the draft cache to hold history[:-1] (everything but the pending token)."""
+        ctx = self.context
+        want = len(history) - 1
+        keep = min(common_prefix(ctx.tokens, history, self._stable), want)
+        if keep < ctx.n_past and not ctx.truncate(keep):
+            checkpoint = self._checkpoint
+            if checkpoint is not None and checkpoint[0] <= keep:
+                ctx.restore_partial_state(checkpoint)  # type: ignore[arg-type]
+            else:
+                ctx.clear()
+        if ctx.n_past < want:
+            ctx.decode(history[ctx.n_past:want])
+        self._stable = want
+
+    def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
+        started = time.perf_counter()
+        ctx = self.context
+        proposal = Proposal()
+        n = min(n, ctx.n_ctx - len(history) - 1)
+        if n <= 0:
+            return proposal
+        self.sync(history)
+        if self._needs_checkpoint:
+            self._checkpoint = ctx.save_partial_state()
+        logits = ctx.decode([history[-1]])
+        drafted_history = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n > 0 else []
+        for i in range(n):
+            row = logits[0]
+            if sampling.greedy:
+                token = greedy_token(row, drafted_history, sampling)
+                dist = None
+            else:
+                dist = distribution(row, drafted_history, sampling)
+                token = dist.sample(rng)
+            proposal.tokens.append(token)
+            proposal.dists.append(dist)
+            drafted_history.append(token)
+            if self.model.is_eog(token) or i == n - 1:
+                break
+            logits = ctx.decode([token])
+        proposal.seconds = time.perf_counter() - started
+        return proposal
+
+    def close(self) -> None:
+        self.context.close()
+        self.model.close()
+
+
+def vocab_mismatch(target: Model, draft: Model) -> str | None:
+    """Why the draft cannot draft for the target, or None when their vocabularies agree.
+
+    Token ids are compared by text over the draft's vocabulary (a draft may have fewer padded
+    entries than the target); special tokens must match too.
+    """
+    problems: list[str] = []
+    if draft.n_vocab > target.n_vocab:
+        problems.append(f"draft has {draft.n_vocab} tokens, target {target.n_vocab}")
+    n = min(draft.n_vocab, target.n_vocab)
+    if target.n_vocab - draft.n_vocab > 128:
+        problems.append(f"vocabulary sizes differ by {target.n_vocab - draft.n_vocab} "
+                        f"(target {target.n_vocab}, draft {draft.n_vocab})")
+    for name, a, b in (("BOS", target.bos, draft.bos), ("EOS", target.eos, draft.eos)):
+        if a != b:
+            problems.append(f"{name} id differs (target {a}, draft {b})")
+    differing = [i for i in range(n) if target.vocab_text(i) != draft.vocab_text(i)]
+    if differing:
+        first = differing[0]
+        problems.append(f"{len(differing)} token texts differ, first at id {first} "
+                        f"(target {target.vocab_text(first)!r}, draft {draft.vocab_text(first)!r})")
+    return "; ".join(problems) or None

@@ -1,0 +1,174 @@
+"""What a backend yields while it streams a reply, and the stats attached to a reply.
+
+Every backend (embedded, openai, fake) produces the same events, so the TUI, the plain line
+mode, `beechat ask` and the store never care where tokens came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+Role = Literal["system", "user", "assistant"]
+
+
+class ChatMessage(TypedDict):
+    role: Role
+    content: str
+
+
+@dataclass(slots=True)
+class Stats:
+    """Per-reply statistics; `None` means "not known", never a made-up zero.
+
+    Definitions (docs/stats.md): decode tok/s = tokens emitted after the first / wall time from the
+    first to the last emitted token; acceptance = accepted / drafted; mean accepted length =
+    1 + accepted / passes (tokens emitted per target verification pass).
+    """
+
+    prompt_tokens: int | None = None  # tokens in the templated prompt
+    prefill_tokens: int | None = None  # prompt tokens actually evaluated (the rest came from KV reuse)
+    prefill_tps: float | None = None
+    decode_tps: float | None = None
+    tokens: int = 0  # tokens emitted in this reply
+    drafted: int | None = None
+    accepted: int | None = None
+    passes: int | None = None  # target verification passes while speculating
+    draft_len: int | None = None  # current draft length chosen by the adaptive controller
+    kv_bytes: int | None = None
+    kv_bytes_capacity: int | None = None
+    ctx_used: int | None = None
+    ctx_size: int | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    gpu_mem_used: int | None = None
+    gpu_mem_total: int | None = None
+    elapsed_s: float | None = None  # request start to last token
+    ttft_s: float | None = None  # request start to first token
+    estimated: bool = False  # token counts are an estimate (e.g. tiktoken for a remote server)
+
+    @property
+    def acceptance(self) -> float | None:
+        if self.drafted is None or self.accepted is None or self.drafted == 0:
+            return None
+        return self.accepted / self.drafted
+
+    @property
+    def mean_accepted_len(self) -> float | None:
+        if self.accepted is None or not self.passes:
+            return None
+        return 1.0 + self.accepted / self.passes
+
+    def copy(self) -> Stats:
+        return dataclasses.replace(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields plus the derived ones, JSON-ready."""
+        data = dataclasses.asdict(self)
+        data["acceptance"] = self.acceptance
+        data["mean_accepted_len"] = self.mean_accepted_len
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stats:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    # The `beechat ask --json` contract (PRODUCT.md), in its order.
+    CONTRACT_KEYS = (
+        "prefill_tps", "decode_tps", "drafted", "accepted", "acceptance", "mean_accepted_len",
+        "kv_bytes", "kv_bytes_capacity", "ctx_used", "ctx_size",
+    )
+
+    def contract_dict(self) -> dict[str, Any]:
+        full = self.to_dict()
+        return {key: full[key] for key in self.CONTRACT_KEYS}
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A run of emitted tokens from one source; `from_draft` marks tokens of an accepted draft."""
+
+    text: str
+    n_tokens: int
+    from_draft: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StatsUpdate:
+    """A live snapshot; consumers may drop all but the latest."""
+
+    stats: Stats
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the user should be told but that does not end the reply (e.g. context overflow)."""
+
+    message: str
+
+
+FinishReason = Literal["stop", "length", "cancelled", "context", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The reply ended; `text` is the whole reply as emitted."""
+
+    text: str
+    stats: Stats
+    finish_reason: FinishReason
+    error: str | None = None  # set when finish_reason == "error": one line, user-facing
+
+
+Event = Chunk | StatsUpdate | Notice | Done
+
+
+@dataclass(slots=True)
+class DecodeClock:
+    """Measures prefill and decode rates exactly as the stats definitions say."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    tokens: int = 0
+
+    def tokens_emitted(self, n: int) -> None:
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.tokens += n
+        self.last_token_at = now
+
+    @property
+    def decode_tps(self) -> float | None:
+        if self.first_token_at is None or self.last_token_at is None:
+            return None
+        span = self.last_token_at - self.first_token_at
+        after_first = self.tokens - 1
+        if span <= 0 or after_first <= 0:
+            return None
+        return after_first / span
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    @property
+    def elapsed_s(self) -> float:
+        end = self.last_token_at if self.last_token_at is not None else time.perf_counter()
+        return end - self.started
+
+
+def collect(events: Iterator[Event]) -> Done:
+    """Drain a stream and return its Done event (tests and `ask`)."""
+    done: Done | None = None
+    for event in events:
+        if isinstance(event, Done):
+            done = event
+    if done is None:
+        raise RuntimeError("stream ended without a Done event")
+    return done

@@ -1,0 +1,363 @@
+"""A thin typed layer over llama-cpp-python's low-level (ctypes) API.
+
+beechat drives llama.cpp directly instead of through `llama_cpp.Llama`: the speculative loop needs
+logits at every verified position, KV truncation whose result is checked, recurrent-state
+snapshots (`n_rs_seq`, not exposed by `Llama`) and two contexts side by side.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+import llama_cpp as lc
+
+Logits = npt.NDArray[np.float32]
+
+
+class LlamaError(Exception):
+    """A llama.cpp failure, with a one-line user-facing message."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging: llama.cpp logs through one process-wide callback. We keep the recent lines (errors are
+# reported from them, the KV size line is parsed from them) and echo them only on request, so the
+# TUI's screen stays clean.
+
+
+class LlamaLog:
+    ECHO_ENV = "BEECHAT_LLAMA_LOG"
+
+    def __init__(self, maxlen: int = 4000) -> None:
+        self.lines: deque[str] = deque(maxlen=maxlen)
+        self._partial = ""
+        self._total = 0
+        self._lock = threading.Lock()
+        self._echo = os.environ.get(self.ECHO_ENV, "") not in ("", "0")
+        self._callback = lc.llama_log_callback(self._on_log)  # keep a reference: C holds the pointer
+
+    def install(self) -> None:
+        lc.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes | None, _user: Any) -> None:
+        chunk = (text or b"").decode("utf-8", "replace")
+        if self._echo:
+            sys.stderr.write(chunk)
+        with self._lock:
+            self._partial += chunk
+            *complete, self._partial = self._partial.split("\n")
+            self.lines.extend(complete)
+            self._total += len(complete)
+
+    def mark(self) -> int:
+        """A position in the log; `since(mark)` returns the lines logged after it."""
+        with self._lock:
+            return self._total
+
+    def since(self, mark: int) -> list[str]:
+        with self._lock:
+            n_new = min(self._total - mark, len(self.lines))
+            return list(self.lines)[len(self.lines) - n_new:] if n_new > 0 else []
+
+    def last_error(self, mark: int) -> str | None:
+        """The most telling line logged since `mark` (errors first)."""
+        lines = [line.strip() for line in self.since(mark) if line.strip()]
+        for pattern in (r"error|failed|unable|invalid|not supported|out of memory", r"warn"):
+            for line in reversed(lines):
+                if re.search(pattern, line, re.IGNORECASE):
+                    return line
+        return None
+
+
+_backend_lock = threading.Lock()
+_log: LlamaLog | None = None
+
+
+def llama_log() -> LlamaLog:
+    """Initialise the llama.cpp backend once and route its log through `LlamaLog`."""
+    global _log
+    with _backend_lock:
+        if _log is None:
+            _log = LlamaLog()
+            _log.install()
+            lc.llama_backend_init()
+        return _log
+
+
+def supports_gpu_offload() -> bool:
+    return bool(lc.llama_supports_gpu_offload())
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Model:
+    """A loaded GGUF: weights, vocabulary, metadata."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int = -1,
+                 progress: Callable[[float], None] | None = None,
+                 cancel: threading.Event | None = None, vocab_only: bool = False) -> None:
+        log = llama_log()
+        self.path = path
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 10_000
+        params.vocab_only = vocab_only
+
+        def on_progress(fraction: float, _user: Any) -> bool:
+            if progress is not None:
+                progress(float(fraction))
+            return not (cancel is not None and cancel.is_set())
+
+        self._progress_cb = lc.llama_progress_callback(on_progress)
+        params.progress_callback = self._progress_cb
+        mark = log.mark()
+        ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            if cancel is not None and cancel.is_set():
+                raise LlamaError(f"loading {path.name} was cancelled")
+            reason = log.last_error(mark) or "llama.cpp could not load it"
+            raise LlamaError(f"cannot load {path}: {reason}")
+        self.ptr = ptr
+        self.vocab = lc.llama_model_get_vocab(ptr)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self.add_bos = bool(lc.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(lc.llama_vocab_bos(self.vocab))
+        self.eos = int(lc.llama_vocab_eos(self.vocab))
+        self.is_recurrent = bool(lc.llama_model_is_recurrent(ptr))
+        self.is_hybrid = bool(lc.llama_model_is_hybrid(ptr))
+        self.n_ctx_train = int(lc.llama_model_n_ctx_train(ptr))
+        self.size_bytes = int(lc.llama_model_size(ptr))
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+
+    # -- vocabulary ----------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        buf = (lc.llama_token * capacity)()
+        n = lc.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:
+            capacity = -n
+            buf = (lc.llama_token * capacity)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
+        if n < 0:
+            raise LlamaError("tokenization failed")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token renders as (special tokens rendered as text)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, True)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, True)
+            cached = buf.raw[:n]
+            self._pieces[token] = cached
+        return cached
+
+    def token_text(self, token: int) -> str:
+        return self.piece(token).decode("utf-8", "replace")
+
+    def vocab_text(self, token: int) -> bytes:
+        """The raw vocabulary entry (used to compare two vocabularies)."""
+        return bytes(lc.llama_vocab_get_text(self.vocab, token) or b"")
+
+    def is_eog(self, token: int) -> bool:
+        cached = self._eog.get(token)
+        if cached is None:
+            cached = bool(lc.llama_vocab_is_eog(self.vocab, token))
+            self._eog[token] = cached
+        return cached
+
+    # -- metadata ------------------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, 4096)
+        if n < 0:
+            return None
+        if n >= 4096:
+            buf = ctypes.create_string_buffer(n + 1)
+            lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, n + 1)
+        return buf.value.decode("utf-8", "replace")
+
+    def chat_template(self) -> str | None:
+        raw = lc.llama_model_chat_template(self.ptr, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        lc.llama_model_desc(self.ptr, buf, 256)
+        return buf.value.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Context:
+    """One llama_context (a KV cache + compute graph) on a model, tracking what its KV holds.
+
+    `tokens` is the exact token sequence whose state is in the cache (positions 0..len-1). All
+    mutation goes through `decode` and `truncate`, so that list is always true.
+    """
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int = 512, n_ubatch: int | None = None,
+                 type_k: int = lc.GGML_TYPE_F16, type_v: int = lc.GGML_TYPE_F16,
+                 flash_attn: bool | None = None, n_rs_seq: int = 0, n_threads: int | None = None) -> None:
+        log = llama_log()
+        self.model = model
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_ubatch or n_batch
+        params.n_seq_max = 1
+        params.n_rs_seq = n_rs_seq
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.type_k = type_k
+        params.type_v = type_v
+        params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
+                                  lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
+                                  lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self.log_mark = log.mark()
+        ptr = lc.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            reason = log.last_error(self.log_mark) or "llama_init_from_model returned NULL"
+            raise LlamaError(f"cannot create a context for {model.path.name} (n_ctx={n_ctx}): {reason}")
+        self.ptr = ptr
+        self.n_ctx = int(lc.llama_n_ctx(ptr))
+        self.n_batch = int(lc.llama_n_batch(ptr))
+        self.n_ubatch = int(lc.llama_n_ubatch(ptr))
+        self.n_rs_seq = n_rs_seq
+        self.memory = lc.llama_get_memory(ptr)
+        self.n_vocab = model.n_vocab
+        self.tokens: list[int] = []
+        self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        self._batch_tokens = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
+        self._batch_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
+        self._batch_logits = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
+        n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
+        n_seq_id[:] = 1
+        for i in range(self.n_batch):
+            self._batch.seq_id[i][0] = 0
+        self._abort = threading.Event()
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def log_lines(self) -> list[str]:
+        """llama.cpp log lines printed while this context was created (e.g. its KV size)."""
+        return llama_log().since(self.log_mark)
+
+    def decode(self, tokens: Sequence[int], *, all_logits: bool = False) -> Logits:
+        """Evaluate `tokens` after what the cache holds; return logits rows.
+
+        With all_logits the result has one row per token (len(tokens) must fit one batch),
+        otherwise one row for the last token. The array is a view into llama.cpp's buffer, valid
+        until the next decode: copy what must outlive it.
+        """
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("decode needs at least one token")
+        if self.n_past + n > self.n_ctx:
+            raise LlamaError(f"context full: {self.n_past} + {n} tokens > n_ctx {self.n_ctx}")
+        if all_logits and n > self.n_batch:
+            raise ValueError(f"all_logits needs <= n_batch ({self.n_batch}) tokens, got {n}")
+        start = 0
+        while start < n:
+            size = min(self.n_batch, n - start)
+            last_chunk = start + size == n
+            pos0 = self.n_past
+            self._batch.n_tokens = size
+            self._batch_tokens[:size] = tokens[start:start + size]
+            self._batch_pos[:size] = np.arange(pos0, pos0 + size, dtype=np.int32)
+            self._batch_logits[:size] = 1 if (all_logits and last_chunk) else 0
+            if last_chunk:
+                self._batch_logits[size - 1] = 1
+            rc = lc.llama_decode(self.ptr, self._batch)
+            if rc != 0:
+                # llama_decode leaves the cache as it was before this chunk on failure
+                raise LlamaError(f"llama_decode failed (code {rc}) at position {pos0}"
+                                 + (" - the KV cache is full" if rc == 1 else ""))
+            self.tokens.extend(tokens[start:start + size])
+            start += size
+        rows = n if all_logits else 1
+        ptr = lc.llama_get_logits(self.ptr)
+        out: Logits = np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
+        return out
+
+    def truncate(self, n_keep: int) -> bool:
+        """Drop cache entries from position n_keep on. False when the model cannot (recurrent
+        state without a snapshot that reaches that far); the cache is then unchanged."""
+        if n_keep >= self.n_past:
+            return True
+        if n_keep <= 0:
+            self.clear()
+            return True
+        if not lc.llama_memory_seq_rm(self.memory, 0, n_keep, -1):
+            return False
+        del self.tokens[n_keep:]
+        return True
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(self.memory, True)
+        self.tokens.clear()
+
+    # -- recurrent-state save/restore (the fallback when snapshots cannot reach) -----------------
+    def save_partial_state(self) -> tuple[int, ctypes.Array[ctypes.c_uint8]]:
+        """Copy the recurrent part of the state (PARTIAL_ONLY) to host memory."""
+        flags = lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = lc.llama_state_seq_get_size_ext(self.ptr, 0, flags)
+        buf = (ctypes.c_uint8 * size)()
+        written = lc.llama_state_seq_get_data_ext(self.ptr, buf, size, 0, flags)
+        if written != size:
+            raise LlamaError("saving the recurrent state failed")
+        return self.n_past, buf
+
+    def restore_partial_state(self, saved: tuple[int, ctypes.Array[ctypes.c_uint8]]) -> None:
+        """Return to a state saved by save_partial_state (recurrent part restored, attention KV
+        truncated to the same position)."""
+        n_past, buf = saved
+        if n_past > self.n_past:
+            raise LlamaError("cannot restore a state from the future")
+        flags = lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        read = lc.llama_state_seq_set_data_ext(self.ptr, buf, len(buf), 0, flags)
+        if read != len(buf):
+            raise LlamaError("restoring the recurrent state failed")
+        # The recurrent cell now sits at n_past - 1, so this only cuts the attention cache.
+        if not lc.llama_memory_seq_rm(self.memory, 0, n_past, -1):
+            raise LlamaError("truncating the attention cache after a restore failed")
+        del self.tokens[n_past:]
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self.ptr)
+            self.ptr = None
+
+
+def kv_size_from_log(lines: Sequence[str]) -> dict[str, float]:
+    """Parse llama.cpp's `llama_kv_cache: size = X MiB` / `llama_memory_recurrent: size = Y MiB`
+    lines into MiB per component."""
+    sizes: dict[str, float] = {}
+    for line in lines:
+        match = re.search(r"(llama_kv_cache[a-z_]*|llama_memory_recurrent):\s+size\s*=\s*([\d.]+)\s*MiB", line)
+        if match:
+            sizes[match.group(1)] = sizes.get(match.group(1), 0.0) + float(match.group(2))
+    return sizes

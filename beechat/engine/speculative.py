@@ -1,0 +1,277 @@
+"""The generation loop: plain decoding is the zero-draft case of speculative decoding.
+
+Each pass: the drafter proposes d1..dk after the pending token `last`; the target evaluates
+[last, d1..dk] in one batch with logits at every position; drafts are accepted while they pass
+verification; one more token comes from the target (the correction, or a bonus when all k
+passed); the target's cache is cut back to what was accepted.
+
+Verification is exact. Greedy: accept while d_i == argmax p_i. Sampling: accept d_i with
+probability min(1, p_i(d_i) / q_i(d_i)), on rejection sample from norm(max(0, p_i - q_i)) and
+stop (Leviathan et al. 2023; Chen et al. 2023); for a deterministic drafter (q one-hot) that is:
+sample t ~ p_i and accept iff t == d_i. Either way the emitted text has the target's distribution.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from beechat.config import Sampling
+from beechat.engine.drafters import Drafter, common_prefix
+from beechat.engine.llama import Context, LlamaError, Model
+from beechat.engine.sampling import Distribution, distribution, greedy_token, residual
+
+
+@dataclass(slots=True)
+class Step:
+    """What one pass emitted: accepted draft tokens first, then the target's own token."""
+
+    tokens: list[int]
+    n_from_draft: int
+    drafted: int
+    stop: bool  # an end-of-generation token was produced (it is not in `tokens`)
+
+
+@dataclass(slots=True)
+class DraftController:
+    """Chooses the draft length k per pass to maximise expected tokens per second.
+
+    With per-token acceptance a, k drafts yield (1 - a^(k+1)) / (1 - a) tokens per pass and cost
+    k * c_draft + c_verify(k + 1). Costs are measured (EMA per batch size); acceptance is the
+    geometric-model estimate accepted / tested, decayed so it follows the text. When no k > 0 beats
+    plain decoding the controller stops drafting and only probes now and then.
+    """
+
+    draft_max: int
+    decay: float = 0.9
+    probe_every: int = 24  # passes between probes while drafting is off
+    accepted_w: float = 1.0  # prior: one accepted of two tested
+    tested_w: float = 2.0
+    draft_cost: float | None = None  # seconds per drafted token
+    verify_cost: dict[int, float] = field(default_factory=dict)  # batch size -> seconds
+    passes_since_probe: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_w / self.tested_w if self.tested_w > 0 else 0.0
+
+    def observe(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+        if k > 0:
+            tested = accepted + (1 if accepted < k else 0)
+            self.accepted_w = self.decay * self.accepted_w + accepted
+            self.tested_w = self.decay * self.tested_w + tested
+            per_token = draft_seconds / k
+            self.draft_cost = per_token if self.draft_cost is None else 0.8 * self.draft_cost + 0.2 * per_token
+        n = k + 1
+        old = self.verify_cost.get(n)
+        self.verify_cost[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
+
+    def _verify_estimate(self, n: int) -> float | None:
+        if n in self.verify_cost:
+            return self.verify_cost[n]
+        known = sorted(self.verify_cost)
+        if not known:
+            return None
+        below = [m for m in known if m < n]
+        above = [m for m in known if m > n]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            w = (n - lo) / (hi - lo)
+            return (1 - w) * self.verify_cost[lo] + w * self.verify_cost[hi]
+        base = below[-1] if below else above[0]
+        if len(known) >= 2:
+            lo, hi = known[0], known[-1]
+            slope = max(0.0, (self.verify_cost[hi] - self.verify_cost[lo]) / (hi - lo))
+        else:  # prior: each extra verified token costs 5% of a single-token step
+            slope = 0.05 * self.verify_cost[base] / base
+        return self.verify_cost[base] + slope * (n - base)
+
+    def expected_rate(self, k: int) -> float | None:
+        """Expected tokens per second with k drafts (None until costs are known)."""
+        verify = self._verify_estimate(k + 1)
+        if verify is None or (k > 0 and self.draft_cost is None):
+            return None
+        a = min(self.acceptance, 0.999)
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        cost = k * (self.draft_cost or 0.0) + verify
+        return tokens / cost if cost > 0 else None
+
+    def choose(self, limit: int) -> int:
+        limit = min(limit, self.draft_max)
+        if limit <= 0:
+            return 0
+        if self.draft_cost is None or 1 not in self.verify_cost:
+            return min(limit, 4)  # no measurements yet: a moderate draft, measured as we go
+        rates = {k: self.expected_rate(k) for k in range(limit + 1)}
+        best = max(rates, key=lambda k: rates[k] or 0.0)
+        if best > 0:
+            self.passes_since_probe = 0
+            return best
+        self.passes_since_probe += 1
+        if self.passes_since_probe >= self.probe_every:  # re-measure acceptance cheaply
+            self.passes_since_probe = 0
+            return min(limit, 2)
+        return 0
+
+
+class Generator:
+    """Generates from a target context with an optional drafter."""
+
+    def __init__(self, target: Model, context: Context, drafter: Drafter | None = None,
+                 draft_max: int = 16, adaptive: bool = True) -> None:
+        self.target = target
+        self.context = context
+        self.drafter = drafter
+        self.controller = DraftController(draft_max=draft_max if drafter else 0)
+        self.adaptive = adaptive
+        # Recurrent targets cut their state back through snapshots (n_rs_seq); a checkpoint of the
+        # recurrent state taken after each prefill lets the next turn reuse the prefix anyway.
+        self._recurrent = target.is_recurrent or target.is_hybrid
+        self._turn_checkpoint: tuple[int, object] | None = None
+        self.finish_reason = "length"
+
+    # -- prefill -------------------------------------------------------------------------------
+    def prefill(self, prompt: Sequence[int], cancel: threading.Event | None = None) -> int:
+        """Make the cache hold prompt[:-1], reusing the common prefix. Returns tokens evaluated."""
+        ctx = self.context
+        want = len(prompt) - 1
+        keep = min(common_prefix(ctx.tokens, prompt), want)
+        if keep < ctx.n_past and not ctx.truncate(keep):
+            checkpoint = self._turn_checkpoint
+            if checkpoint is not None and checkpoint[0] <= keep:
+                ctx.restore_partial_state(checkpoint)  # type: ignore[arg-type]
+            else:
+                ctx.clear()
+        evaluated = want - ctx.n_past
+        # evaluate in n_batch chunks so a stop request lands between chunks
+        while ctx.n_past < want:
+            if cancel is not None and cancel.is_set():
+                break
+            end = min(want, ctx.n_past + ctx.n_batch)
+            ctx.decode(prompt[ctx.n_past:end])
+        if self._recurrent and ctx.n_past == want and want > 0:
+            self._turn_checkpoint = ctx.save_partial_state()
+        return max(0, evaluated)
+
+    # -- decoding ------------------------------------------------------------------------------
+    def steps(self, prompt: Sequence[int], sampling: Sampling, max_tokens: int,
+              cancel: threading.Event, rng: np.random.Generator, fixed_k: int | None = None) -> Iterator[Step]:
+        """Yield one Step per pass until an end token, max_tokens, the context end, or cancel.
+
+        The cache must hold prompt[:-1] (see prefill). `fixed_k` disables the adaptive choice.
+        """
+        ctx = self.context
+        history = list(prompt)
+        emitted = 0
+        self.finish_reason = "length"
+        if self.drafter is not None:
+            self.drafter.begin(history)
+        while emitted < max_tokens and not cancel.is_set():
+            room = ctx.n_ctx - ctx.n_past - 1  # positions left after `last`
+            if room < 0:
+                self.finish_reason = "context"
+                return
+            limit = min(room, max_tokens - emitted - 1)
+            if self.drafter is None or limit <= 0:
+                k = 0
+            elif fixed_k is not None:
+                k = min(fixed_k, limit)
+            else:
+                k = self.controller.choose(limit)
+            proposal = self.drafter.propose(history, k, sampling, rng) if (self.drafter and k > 0) else None
+            drafts = proposal.tokens[:k] if proposal else []
+            step, verify_seconds = self._verify(history, drafts, proposal.dists if proposal else [], sampling, rng)
+            if self.adaptive and self.drafter is not None:
+                # an n-gram miss costs nothing and says nothing about acceptance
+                if drafts or (proposal is not None and self.drafter.kind != "ngram"):
+                    self.controller.observe(len(drafts), step.n_from_draft, proposal.seconds if proposal else 0.0,
+                                            verify_seconds)
+                elif not drafts:
+                    self.controller.observe(0, 0, 0.0, verify_seconds)
+            if len(step.tokens) > max_tokens - emitted:
+                step.tokens = step.tokens[:max_tokens - emitted]
+                step.n_from_draft = min(step.n_from_draft, len(step.tokens))
+            history.extend(step.tokens)
+            emitted += len(step.tokens)
+            yield step
+            if step.stop:
+                self.finish_reason = "stop"
+                return
+        if cancel.is_set():
+            self.finish_reason = "cancelled"
+
+    def _verify(self, history: list[int], drafts: list[int], dists: Sequence[Distribution | None],
+                sampling: Sampling, rng: np.random.Generator) -> tuple[Step, float]:
+        """Evaluate [last, *drafts] on the target, accept a prefix, cut the cache back."""
+        ctx = self.context
+        started = time.perf_counter()
+        n_before = ctx.n_past
+        saved = None
+        if drafts and self._recurrent and len(drafts) > ctx.n_rs_seq:
+            saved = ctx.save_partial_state()  # snapshots cannot reach back this far
+        logits = ctx.decode([history[-1], *drafts], all_logits=True)
+        out: list[int] = []
+        accepted = 0
+        greedy = sampling.greedy
+        # the penalty window for row i: the recent history plus drafts[:i]
+        tail = history[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
+        for i in range(len(drafts) + 1):
+            row = logits[i]
+            seen = tail + drafts[:i]
+            if i == len(drafts):  # all drafts accepted: a bonus token from the last row
+                out.append(greedy_token(row, seen, sampling) if greedy else distribution(row, seen, sampling).sample(rng))
+                break
+            draft = drafts[i]
+            if greedy:
+                best = greedy_token(row, seen, sampling)
+                if best == draft:
+                    out.append(draft)
+                    accepted += 1
+                    continue
+                out.append(best)
+                break
+            p = distribution(row, seen, sampling)
+            q = dists[i] if i < len(dists) else None
+            if q is None:  # one-hot draft: sample from p, accept iff it matches
+                token = p.sample(rng)
+                out.append(token)
+                if token == draft:
+                    accepted += 1
+                    continue
+                break
+            p_x, q_x = p.prob(draft), q.prob(draft)
+            if q_x > 0 and rng.random() < min(1.0, p_x / q_x):
+                out.append(draft)
+                accepted += 1
+                continue
+            out.append(residual(p, q).sample(rng))
+            break
+        # keep [last, accepted drafts] in the cache; the final token of `out` is the new pending one
+        n_keep = n_before + 1 + accepted
+        if ctx.n_past > n_keep and not ctx.truncate(n_keep):
+            if saved is None:
+                raise LlamaError("the target could not roll back its recurrent state "
+                                 f"({ctx.n_past - n_keep} tokens, n_rs_seq={ctx.n_rs_seq})")
+            ctx.restore_partial_state(saved)  # type: ignore[arg-type]
+            ctx.decode([history[-1], *drafts[:accepted]])
+        verify_seconds = time.perf_counter() - started
+        # stop at the first end-of-generation token
+        stop = False
+        for j, token in enumerate(out):
+            if self.target.is_eog(token):
+                out = out[:j]
+                stop = True
+                break
+        n_from_draft = min(accepted, len(out))
+        return Step(tokens=out, n_from_draft=n_from_draft, drafted=len(drafts), stop=stop), verify_seconds
+
+
+def expected_tokens_per_pass(acceptance: float, k: int) -> float:
+    if acceptance >= 1.0:
+        return float(k + 1)
+    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
