@@ -1,0 +1,45 @@
+"""Conversations in SQLite and their export as Markdown, JSON or HTML."""
+
+from beechat.store.db import (
+    SCHEMA_VERSION,
+    AmbiguousConversation,
+    Conversation,
+    ConversationNotFound,
+    ConversationSummary,
+    MessageNotFound,
+    Store,
+    StoredMessage,
+    StoreError,
+    default_store,
+    model_info_from_profile,
+    title_from_text,
+)
+from beechat.store.export import (
+    EXPORT_FORMATS,
+    ExportFormat,
+    export_conversation,
+    safe_filename,
+    split_reasoning,
+    write_export,
+)
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "SCHEMA_VERSION",
+    "AmbiguousConversation",
+    "Conversation",
+    "ConversationNotFound",
+    "ConversationSummary",
+    "ExportFormat",
+    "MessageNotFound",
+    "Store",
+    "StoreError",
+    "StoredMessage",
+    "default_store",
+    "export_conversation",
+    "model_info_from_profile",
+    "safe_filename",
+    "split_reasoning",
+    "title_from_text",
+    "write_export",
+]
