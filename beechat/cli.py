@@ -21,16 +21,19 @@ class CLIError(Exception):
     """A one-line error for stderr."""
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", metavar="NAME", help="profile from models.toml (default: its `default`)")
-    parser.add_argument("--config", "-c", metavar="PATH", help="models.toml to use (else $BEECHAT_CONFIG, "
-                                                               "./models.toml, the user config dir)")
+def _common(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    # Subcommands accept the options too; SUPPRESS keeps them from resetting a top-level value.
+    default = None if top_level else argparse.SUPPRESS
+    parser.add_argument("--model", "-m", metavar="NAME", default=default,
+                        help="profile from models.toml (default: its `default`)")
+    parser.add_argument("--config", "-c", metavar="PATH", default=default,
+                        help="models.toml to use (else $BEECHAT_CONFIG, ./models.toml, the user config dir)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beechat", description="Chat with local GGUF models: speculative "
                                      "decoding, quantized KV cache, live stats.")
-    _common(parser)
+    _common(parser, top_level=True)
     parser.add_argument("--plain", action="store_true", help="line mode instead of the TUI "
                                                             "(reads stdin line by line when it is not a terminal)")
     parser.add_argument("--no-save", action="store_true", help="do not save the conversation")
@@ -43,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="one reply to PROMPT (or stdin), saved unless --no-save")
     _common(ask)
     ask.add_argument("prompt", nargs="*", metavar="PROMPT", help="the prompt; '-' or absent reads stdin")
-    ask.add_argument("--max-tokens", type=int, metavar="N")
-    ask.add_argument("--temperature", type=float, metavar="T")
-    ask.add_argument("--seed", type=int, metavar="S")
+    ask.add_argument("--max-tokens", type=int, metavar="N", default=argparse.SUPPRESS)
+    ask.add_argument("--temperature", type=float, metavar="T", default=argparse.SUPPRESS)
+    ask.add_argument("--seed", type=int, metavar="S", default=argparse.SUPPRESS)
     ask.add_argument("--json", action="store_true", help="print one JSON object (text, model, stats...)")
-    ask.add_argument("--no-save", action="store_true", help="do not save the exchange")
+    ask.add_argument("--no-save", action="store_true", default=argparse.SUPPRESS, help="do not save the exchange")
 
     models = sub.add_parser("models", help="list profiles and whether their files exist")
     _common(models)

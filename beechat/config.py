@@ -226,7 +226,8 @@ def parse_config(text: str, path: Path) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
+        found = re.search(r"\(at line (\d+)", str(exc))  # Python < 3.14 only has it in the text
+        line = getattr(exc, "lineno", None) or (int(found.group(1)) if found else None)
         message = str(exc).split(" (at line")[0]
         raise ConfigError(path, None, f"invalid TOML: {message}", line) from exc
     return _Validator(path, text).config(data)

@@ -19,8 +19,10 @@ import numpy as np
 
 from beechat.config import CACHE_TYPES, Sampling
 from beechat.engine.chat_template import ChatTemplate, TemplateError
-from beechat.engine.drafters import DraftModelDrafter, Drafter, NgramDrafter, vocab_mismatch
+from beechat.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, vocab_mismatch
 from beechat.engine.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
+from beechat.engine.gguf_meta import read_metadata
+from beechat.engine.kv import KVLayout
 from beechat.engine.llama import Context, LlamaError, Model
 from beechat.engine.speculative import Generator
 
@@ -112,9 +114,7 @@ class ChatEngine:
             speculating = settings.speculation != "none"
             # Snapshots of the recurrent state let a hybrid target cut back rejected drafts.
             n_rs_seq = settings.draft_max if (recurrent and speculating) else 0
-            n_ubatch = max(settings.n_batch, n_rs_seq + 1)
-            self.context = Context(self.model, n_ctx=settings.n_ctx, n_batch=max(settings.n_batch, n_ubatch),
-                                   n_ubatch=n_ubatch, type_k=type_k, type_v=type_v, flash_attn=flash,
+            self.context = Context(self.model, n_ctx=settings.n_ctx, n_batch=settings.n_batch, type_k=type_k, type_v=type_v, flash_attn=flash,
                                    n_rs_seq=n_rs_seq, n_threads=settings.n_threads)
             drafter: Drafter | None = None
             if has_draft_model:
@@ -362,37 +362,32 @@ def _signature(messages: Sequence[ChatMessage], index: int) -> tuple[str, ...]:
 
 
 class _KVAccount:
-    """KV bytes in use and allocated, for target and draft, from GGUF metadata."""
+    """KV bytes in use and allocated (target + draft), computed from GGUF metadata."""
 
-    def __init__(self, engine: ChatEngine, layouts: list[tuple[object, Context]]) -> None:
+    def __init__(self, engine: ChatEngine, parts: list[tuple[KVLayout, Context]]) -> None:
         self.engine = engine
-        self.layouts = layouts
+        self.parts = parts
 
     @classmethod
     def create(cls, engine: ChatEngine) -> _KVAccount:
-        layouts: list[tuple[object, Context]] = []
-        try:
-            from beechat.engine.gguf_meta import read_metadata
-            from beechat.engine.kv import KVLayout
-        except ImportError:
-            return cls(engine, [])
         pairs = [(engine.model, engine.context)]
         if engine.draft_model is not None and engine.draft_context is not None:
             pairs.append((engine.draft_model, engine.draft_context))
-        for model, ctx in pairs:
-            layouts.append((KVLayout.from_metadata(read_metadata(model.path)), ctx))
-        return cls(engine, layouts)
+        return cls(engine, [(KVLayout.from_metadata(read_metadata(m.path, tensors=False)), c) for m, c in pairs])
 
-    def capacity(self) -> int | None:
-        if not self.layouts:
-            return None
+    def capacity(self) -> int:
         s = self.engine.settings
-        return sum(layout.capacity_bytes(ctx.n_ctx, s.cache_type_k, s.cache_type_v,  # type: ignore[attr-defined]
-                                         n_rs_seq=ctx.n_rs_seq) for layout, ctx in self.layouts)
+        flash = self.engine.flash_attn is not False
+        return sum(layout.capacity_bytes(ctx.n_ctx, s.cache_type_k, s.cache_type_v, ctx.n_rs_seq, flash_attn=flash,
+                                         n_ubatch=ctx.n_ubatch) for layout, ctx in self.parts)
 
-    def used(self) -> int | None:
-        if not self.layouts:
-            return None
+    def used(self) -> int:
         s = self.engine.settings
-        return sum(layout.used_bytes(ctx.n_past, s.cache_type_k, s.cache_type_v)  # type: ignore[attr-defined]
-                   for layout, ctx in self.layouts)
+        flash = self.engine.flash_attn is not False
+        return sum(layout.used_bytes(ctx.n_past, s.cache_type_k, s.cache_type_v, n_rs_seq=ctx.n_rs_seq,
+                                     flash_attn=flash) for layout, ctx in self.parts)
+
+    def bytes_per_token(self) -> int:
+        s = self.engine.settings
+        flash = self.engine.flash_attn is not False
+        return sum(layout.bytes_per_token(s.cache_type_k, s.cache_type_v, flash_attn=flash) for layout, _ in self.parts)

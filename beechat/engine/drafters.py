@@ -69,13 +69,14 @@ class NgramDrafter:
             self._index = {s: {} for s in self.sizes}
 
     def _extend_index(self, history: Sequence[int]) -> None:
-        # Index each n-gram ending at j (tokens j-s..j-1) whose continuation history[j] exists;
-        # later occurrences overwrite earlier ones, so lookups find the most recent.
+        # `_tokens` is the history indexed so far; each n-gram ending at j (tokens j-s..j-1) is
+        # indexed once its continuation history[j] exists. Later occurrences overwrite earlier
+        # ones, so lookups find the most recent.
         for j in range(max(1, len(self._tokens)), len(history)):
             for s in self.sizes:
                 if j >= s:
                     self._index[s][tuple(history[j - s:j])] = j
-        self._tokens.extend(history[len(self._tokens):len(history) - 1])
+        self._tokens.extend(history[len(self._tokens):])
 
     def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
         started = time.perf_counter()

@@ -17,10 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
-
-import llama_cpp as lc
 
 Logits = npt.NDArray[np.float32]
 
@@ -89,8 +88,8 @@ def llama_log() -> LlamaLog:
     with _backend_lock:
         if _log is None:
             _log = LlamaLog()
-            _log.install()
             lc.llama_backend_init()
+        _log.install()  # again each time: other code (llama_cpp's own logger) may have replaced it
         return _log
 
 
@@ -222,7 +221,10 @@ class Context:
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
-        params.n_ubatch = n_ubatch or n_batch
+        # llama.cpp keeps the trailing (1 + n_rs_seq) tokens in one ubatch and asserts
+        # n_ubatch > 1 + n_rs_seq (llama-batch.cpp), so leave room for that.
+        params.n_ubatch = max(n_ubatch or n_batch, n_rs_seq + 2 if n_rs_seq else 1)
+        params.n_batch = max(n_batch, params.n_ubatch)
         params.n_seq_max = 1
         params.n_rs_seq = n_rs_seq
         threads = n_threads or max(1, os.cpu_count() or 1)
@@ -247,6 +249,8 @@ class Context:
         self.memory = lc.llama_get_memory(ptr)
         self.n_vocab = model.n_vocab
         self.tokens: list[int] = []
+        self.recurrent = model.is_recurrent or model.is_hybrid
+        self.last_decode_size = 0  # tokens in the last llama_decode call (bounds a snapshot rollback)
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._batch_tokens = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
         self._batch_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
@@ -296,6 +300,7 @@ class Context:
                 raise LlamaError(f"llama_decode failed (code {rc}) at position {pos0}"
                                  + (" - the KV cache is full" if rc == 1 else ""))
             self.tokens.extend(tokens[start:start + size])
+            self.last_decode_size = size
             start += size
         rows = n if all_logits else 1
         ptr = lc.llama_get_logits(self.ptr)
@@ -310,14 +315,24 @@ class Context:
         if n_keep <= 0:
             self.clear()
             return True
+        if self.recurrent:
+            # A snapshot rollback reaches back at most (tokens in the last decode - 1) and once per
+            # decode. llama.cpp 0.3.36 accepts a rollback of the whole last decode when n_rs_seq
+            # allows it but then computes from a wrong state, so refuse that here.
+            rollback = self.n_past - n_keep
+            if rollback >= self.last_decode_size or rollback > self.n_rs_seq:
+                return False
         if not lc.llama_memory_seq_rm(self.memory, 0, n_keep, -1):
             return False
         del self.tokens[n_keep:]
+        if self.recurrent:
+            self.last_decode_size = 0  # single use
         return True
 
     def clear(self) -> None:
         lc.llama_memory_clear(self.memory, True)
         self.tokens.clear()
+        self.last_decode_size = 0
 
     # -- recurrent-state save/restore (the fallback when snapshots cannot reach) -----------------
     def save_partial_state(self) -> tuple[int, ctypes.Array[ctypes.c_uint8]]:
@@ -344,6 +359,7 @@ class Context:
         if not lc.llama_memory_seq_rm(self.memory, 0, n_past, -1):
             raise LlamaError("truncating the attention cache after a restore failed")
         del self.tokens[n_past:]
+        self.last_decode_size = 0
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

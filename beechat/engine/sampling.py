@@ -127,3 +127,19 @@ def _on(ids: IntArray, dist: Distribution) -> FloatArray:
     out = np.zeros(len(ids), dtype=np.float64)
     out[np.searchsorted(ids, dist.ids)] = dist.probs
     return out
+
+
+def verify_draft(p: Distribution, q: Distribution | None, draft: int, rng: np.random.Generator) -> tuple[int, bool]:
+    """One step of speculative sampling: (emitted token, whether it is the accepted draft).
+
+    Accept `draft` with probability min(1, p(draft) / q(draft)); on rejection sample from
+    norm(max(0, p - q)). A deterministic drafter (q = None, one-hot at `draft`) reduces to: sample
+    t ~ p and accept iff t == draft. Either way the emitted token is distributed exactly as p.
+    """
+    if q is None:
+        token = p.sample(rng)
+        return token, token == draft
+    p_x, q_x = p.prob(draft), q.prob(draft)
+    if q_x > 0.0 and rng.random() < min(1.0, p_x / q_x):
+        return draft, True
+    return residual(p, q).sample(rng), False

@@ -23,7 +23,7 @@ import numpy as np
 from beechat.config import Sampling
 from beechat.engine.drafters import Drafter, common_prefix
 from beechat.engine.llama import Context, LlamaError, Model
-from beechat.engine.sampling import Distribution, distribution, greedy_token, residual
+from beechat.engine.sampling import Distribution, distribution, greedy_token, verify_draft
 
 
 @dataclass(slots=True)
@@ -54,6 +54,7 @@ class DraftController:
     draft_cost: float | None = None  # seconds per drafted token
     verify_cost: dict[int, float] = field(default_factory=dict)  # batch size -> seconds
     passes_since_probe: int = 0
+    _warm: set[int] = field(default_factory=set)  # batch sizes seen once (first runs build graphs)
 
     @property
     def acceptance(self) -> float:
@@ -67,6 +68,9 @@ class DraftController:
             per_token = draft_seconds / k
             self.draft_cost = per_token if self.draft_cost is None else 0.8 * self.draft_cost + 0.2 * per_token
         n = k + 1
+        if n not in self._warm:  # the first decode of a new batch shape includes one-time setup
+            self._warm.add(n)
+            return
         old = self.verify_cost.get(n)
         self.verify_cost[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
 
@@ -235,21 +239,11 @@ class Generator:
                 out.append(best)
                 break
             p = distribution(row, seen, sampling)
-            q = dists[i] if i < len(dists) else None
-            if q is None:  # one-hot draft: sample from p, accept iff it matches
-                token = p.sample(rng)
-                out.append(token)
-                if token == draft:
-                    accepted += 1
-                    continue
+            token, ok = verify_draft(p, dists[i] if i < len(dists) else None, draft, rng)
+            out.append(token)
+            if not ok:
                 break
-            p_x, q_x = p.prob(draft), q.prob(draft)
-            if q_x > 0 and rng.random() < min(1.0, p_x / q_x):
-                out.append(draft)
-                accepted += 1
-                continue
-            out.append(residual(p, q).sample(rng))
-            break
+            accepted += 1
         # keep [last, accepted drafts] in the cache; the final token of `out` is the new pending one
         n_keep = n_before + 1 + accepted
         if ctx.n_past > n_keep and not ctx.truncate(n_keep):

@@ -1,0 +1,111 @@
+"""Capacity planning: how much context fits in the memory there is, per KV cache type.
+
+Memory needed = weights (the GGUF file sizes of target and draft) + KV cache and recurrent state
+(beechat.engine.kv, from metadata) + compute overhead. The overhead is an estimate: 512 MiB plus
+the logits buffer (n_batch x n_vocab x 4 bytes) plus 2% of the weights; llama.cpp's own
+`compute buffer size` log lines on a loaded model show the real figure (`beechat doctor`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from beechat.config import Profile
+from beechat.engine.gguf_meta import GGUFMetadata, read_metadata
+from beechat.engine.kv import CTX_PAD, PLAN_PAIRS, KVLayout
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFiles:
+    target: Path
+    draft: Path | None
+
+    def metadata(self) -> list[GGUFMetadata]:
+        return [read_metadata(p, tensors=False) for p in (self.target, self.draft) if p is not None]
+
+    def weights_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.target, self.draft) if p is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRow:
+    type_k: str
+    type_v: str
+    bytes_per_token: int | None  # target + draft; None when the type does not fit the head size
+    max_context: int
+    kv_bytes: int  # KV + recurrent state at max_context
+
+
+def available_memory(use_gpu: bool) -> tuple[int, str]:
+    """(free bytes, where): free GPU memory summed over GPUs when offloading, else available RAM."""
+    from beechat.engine.devices import devices
+
+    if use_gpu:
+        gpus = [d for d in devices() if d.is_gpu]
+        if gpus:
+            return sum(d.free for d in gpus), " + ".join(f"{d.description or d.name}" for d in gpus)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "system RAM (available)"
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages) * os.sysconf("SC_PAGE_SIZE"), "system RAM"
+
+
+def overhead_bytes(metas: list[GGUFMetadata], weights: int, n_batch: int = 512) -> int:
+    logits = sum(n_batch * max(m.n_vocab, 1) * 4 for m in metas)
+    return 512 * MIB + logits + weights // 50
+
+
+def plan(files: ModelFiles, free_bytes: int, n_rs_seq: int = 0, n_batch: int = 512,
+         pairs: tuple[tuple[str, str], ...] = PLAN_PAIRS) -> list[PlanRow]:
+    metas = files.metadata()
+    layouts = [KVLayout.from_metadata(m) for m in metas]
+    weights = files.weights_bytes()
+    budget = free_bytes - weights - overhead_bytes(metas, weights, n_batch)
+    limit = min((layout.n_ctx_train for layout in layouts if layout.n_ctx_train > 0), default=1 << 20)
+    rows: list[PlanRow] = []
+    for type_k, type_v in pairs:
+        try:
+            per_token = sum(layout.bytes_per_token(type_k, type_v) for layout in layouts)
+        except ValueError:
+            rows.append(PlanRow(type_k, type_v, None, 0, 0))
+            continue
+
+        def need(n_ctx: int, type_k: str = type_k, type_v: str = type_v) -> int:
+            return sum(layout.capacity_bytes(n_ctx, type_k, type_v, n_rs_seq if i == 0 else 0)
+                       for i, layout in enumerate(layouts))
+
+        low, high = 0, limit // CTX_PAD  # largest multiple of 256 whose cache fits the budget
+        while low < high:
+            mid = (low + high + 1) // 2
+            if need(mid * CTX_PAD) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        n_ctx = low * CTX_PAD
+        rows.append(PlanRow(type_k, type_v, per_token, n_ctx, need(n_ctx) if n_ctx else 0))
+    return rows
+
+
+def profile_files(profile: Profile) -> ModelFiles:
+    draft = profile.draft_path() if profile.speculation == "draft" else None
+    return ModelFiles(profile.target_path(), draft)
+
+
+def auto_n_ctx(profile: Profile) -> int:
+    """The largest context that fits for the profile's own cache types (at least 512)."""
+    files = profile_files(profile)
+    free, _ = available_memory(profile.n_gpu_layers != 0)
+    recurrent_snapshots = profile.draft_max if profile.speculation != "none" else 0
+    rows = plan(files, free, n_rs_seq=recurrent_snapshots, n_batch=profile.n_batch,
+                pairs=((profile.cache_type_k, profile.cache_type_v),))
+    return max(512, rows[0].max_context)
