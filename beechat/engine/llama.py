@@ -94,6 +94,7 @@ def llama_log() -> LlamaLog:
 
 
 def supports_gpu_offload() -> bool:
+    llama_log()  # initialise the backend first
     return bool(lc.llama_supports_gpu_offload())
 
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import llama_cpp  # noqa: F401  # load ggml's libraries before numpy's OpenBLAS (docs/troubleshooting.md)
 import numpy as np
 
 from beechat.config import Sampling
@@ -41,20 +42,26 @@ class DraftController:
     """Chooses the draft length k per pass to maximise expected tokens per second.
 
     With per-token acceptance a, k drafts yield (1 - a^(k+1)) / (1 - a) tokens per pass and cost
-    k * c_draft + c_verify(k + 1). Costs are measured (EMA per batch size); acceptance is the
-    geometric-model estimate accepted / tested, decayed so it follows the text. When no k > 0 beats
-    plain decoding the controller stops drafting and only probes now and then.
+    k * c_draft + c_verify(k + 1). Both costs are measured (c_verify as an EMA per batch size, the
+    first run of each size dropped because it builds graphs); acceptance is the geometric-model
+    estimate accepted / tested, decayed so it follows the text. It starts by timing plain steps
+    and a short draft, then optimises; when no k > 0 beats plain decoding it stops drafting and
+    probes now and then, backing off while probes keep failing.
     """
 
     draft_max: int
-    decay: float = 0.9
-    probe_every: int = 24  # passes between probes while drafting is off
-    accepted_w: float = 1.0  # prior: one accepted of two tested
-    tested_w: float = 2.0
+    decay: float = 0.85
+    accepted_w: float = 0.5  # prior: half of one tested draft accepted
+    tested_w: float = 1.0
     draft_cost: float | None = None  # seconds per drafted token
     verify_cost: dict[int, float] = field(default_factory=dict)  # batch size -> seconds
+    probe_interval: int = 16  # passes between probes while drafting does not pay
     passes_since_probe: int = 0
-    _warm: set[int] = field(default_factory=set)  # batch sizes seen once (first runs build graphs)
+    _warm: set[int] = field(default_factory=set)
+    _stale: bool = True  # estimates changed since the last full choice
+    _last_choice: int = 0
+
+    MIN_PROBE, MAX_PROBE = 16, 256
 
     @property
     def acceptance(self) -> float:
@@ -67,32 +74,33 @@ class DraftController:
             self.tested_w = self.decay * self.tested_w + tested
             per_token = draft_seconds / k
             self.draft_cost = per_token if self.draft_cost is None else 0.8 * self.draft_cost + 0.2 * per_token
+            self._stale = True
         n = k + 1
         if n not in self._warm:  # the first decode of a new batch shape includes one-time setup
             self._warm.add(n)
             return
         old = self.verify_cost.get(n)
+        self._stale = self._stale or old is None
         self.verify_cost[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
 
     def _verify_estimate(self, n: int) -> float | None:
-        if n in self.verify_cost:
-            return self.verify_cost[n]
-        known = sorted(self.verify_cost)
+        known = self.verify_cost
+        if n in known:
+            return known[n]
         if not known:
             return None
-        below = [m for m in known if m < n]
-        above = [m for m in known if m > n]
-        if below and above:
-            lo, hi = below[-1], above[0]
+        sizes = sorted(known)
+        lo = max((m for m in sizes if m < n), default=None)
+        hi = min((m for m in sizes if m > n), default=None)
+        if lo is not None and hi is not None:
             w = (n - lo) / (hi - lo)
-            return (1 - w) * self.verify_cost[lo] + w * self.verify_cost[hi]
-        base = below[-1] if below else above[0]
-        if len(known) >= 2:
-            lo, hi = known[0], known[-1]
-            slope = max(0.0, (self.verify_cost[hi] - self.verify_cost[lo]) / (hi - lo))
+            return (1 - w) * known[lo] + w * known[hi]
+        if len(sizes) >= 2:  # extrapolate the measured slope
+            slope = max(0.0, (known[sizes[-1]] - known[sizes[0]]) / (sizes[-1] - sizes[0]))
         else:  # prior: each extra verified token costs 5% of a single-token step
-            slope = 0.05 * self.verify_cost[base] / base
-        return self.verify_cost[base] + slope * (n - base)
+            slope = 0.05 * known[sizes[0]] / sizes[0]
+        base = lo if lo is not None else sizes[0]
+        return known[base] + slope * (n - base)
 
     def expected_rate(self, k: int) -> float | None:
         """Expected tokens per second with k drafts (None until costs are known)."""
@@ -108,16 +116,27 @@ class DraftController:
         limit = min(limit, self.draft_max)
         if limit <= 0:
             return 0
-        if self.draft_cost is None or 1 not in self.verify_cost:
-            return min(limit, 4)  # no measurements yet: a moderate draft, measured as we go
-        rates = {k: self.expected_rate(k) for k in range(limit + 1)}
-        best = max(rates, key=lambda k: rates[k] or 0.0)
-        if best > 0:
+        if 1 not in self.verify_cost:
+            return 0  # first time plain steps: the baseline every draft must beat
+        if self.draft_cost is None or len(self.verify_cost) < 2:
+            return min(limit, 2)  # then a short draft, to time drafting and verifying
+        if self._stale or self._last_choice > 0:  # while drafting is off only probes change anything
+            plain = self.expected_rate(0) or 0.0
+            best_k, best_rate = 0, plain
+            for k in range(1, limit + 1):
+                rate = self.expected_rate(k) or 0.0
+                if rate > best_rate:
+                    best_k, best_rate = k, rate
+            self._stale, self._last_choice = False, best_k
+        best_k = min(self._last_choice, limit)
+        if best_k > 0:
             self.passes_since_probe = 0
-            return best
+            self.probe_interval = self.MIN_PROBE
+            return best_k
         self.passes_since_probe += 1
-        if self.passes_since_probe >= self.probe_every:  # re-measure acceptance cheaply
+        if self.passes_since_probe >= self.probe_interval:  # re-measure acceptance cheaply
             self.passes_since_probe = 0
+            self.probe_interval = min(self.MAX_PROBE, self.probe_interval * 2)
             return min(limit, 2)
         return 0
 

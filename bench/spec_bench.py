@@ -1,0 +1,168 @@
+"""Speculative vs plain decoding on one target, side by side in one process.
+
+For each draft given (e.g. a near-perfect one and a useless one) this times, on the same loaded
+target: plain decoding, fixed draft lengths, and the adaptive controller, alternating runs so
+that drift hits every mode alike. Greedy, so every speculative run must reproduce the plain
+tokens exactly; the script checks and reports that. Ratios within one run are the result;
+absolute tok/s depend on the machine.
+
+GPU (H200) usage, see docs/benchmarks.md for the exact command and results:
+  python bench/spec_bench.py --target T.gguf --draft good=D1.gguf --draft useless=D2.gguf \
+      --tokens 256 --ks 4,8,15 --draft-max 16,32 --json-out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import llama_cpp  # noqa: F401  # ggml's libraries must load before numpy's OpenBLAS
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from beechat.config import Sampling  # noqa: E402
+from beechat.engine.drafters import DraftModelDrafter, NgramDrafter  # noqa: E402
+from beechat.engine.llama import Context, Model, supports_gpu_offload  # noqa: E402
+from beechat.engine.speculative import Generator  # noqa: E402
+
+GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
+PROMPT = ("Write a detailed explanation of how speculative decoding works in large language models, "
+          "with an example in Python code and a discussion of acceptance rates.")
+
+
+def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None) -> dict[str, Any]:
+    gen.context.clear()
+    gen.prefill(prompt)
+    out: list[int] = []
+    drafted = accepted = passes = 0
+    ks: list[int] = []
+    first = last = 0.0
+    started = time.perf_counter()
+    for step in gen.steps(prompt, GREEDY, tokens, threading.Event(), np.random.default_rng(0), fixed_k):
+        now = time.perf_counter()
+        if not out:
+            first = now
+        last = now
+        out += step.tokens
+        drafted += step.drafted
+        accepted += step.n_from_draft
+        passes += 1
+        ks.append(step.drafted)
+    decode_tps = (len(out) - 1) / (last - first) if last > first else None
+    return {"tokens": out, "n": len(out), "decode_tps": decode_tps, "drafted": drafted, "accepted": accepted,
+            "passes": passes, "acceptance": accepted / drafted if drafted else None,
+            "mean_k": statistics.mean(ks) if ks else 0, "seconds": time.perf_counter() - started}
+
+
+def top2_gaps(target: Model, ctx: Context, prompt: list[int], tokens: list[int]) -> list[float]:
+    """Logit gap between the best and second-best token at each plain greedy step (one-token
+    decodes, as plain decoding does them)."""
+    ctx.clear()
+    logits = ctx.decode(prompt)[0]
+    gaps = []
+    for token in tokens:
+        top2 = np.partition(logits, -2)[-2:]
+        gaps.append(float(top2[1] - top2[0]))
+        logits = ctx.decode([token])[0]
+    ctx.clear()
+    return gaps
+
+
+def divergence(runs: list[dict[str, Any]], reference: list[int], gaps: list[float]) -> list[dict[str, Any]]:
+    """Where a run first departs from the plain tokens, with the plain top-2 logit gap there."""
+    found = []
+    for r in runs:
+        i = next((j for j, (a, b) in enumerate(zip(r["tokens"], reference, strict=False)) if a != b), None)
+        if i is not None:
+            found.append({"index": i, "plain_top2_gap": gaps[i] if i < len(gaps) else None})
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", action="append", default=[], help="NAME=PATH, or NAME=ngram")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--ks", default="4,8,15", help="fixed draft lengths to time")
+    ap.add_argument("--draft-max", default="16", help="adaptive runs with these draft_max values")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--n-ctx", type=int, default=4096)
+    ap.add_argument("--n-gpu-layers", type=int, default=-1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+
+    print(f"gpu offload: {supports_gpu_offload()}", flush=True)
+    t0 = time.perf_counter()
+    target = Model(Path(args.target), n_gpu_layers=args.n_gpu_layers)
+    ctx = Context(target, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads)
+    print(f"target loaded in {time.perf_counter() - t0:.1f}s: {target.description()}", flush=True)
+    prompt = target.tokenize(PROMPT)
+    ks = [int(k) for k in args.ks.split(",") if k]
+    draft_maxes = [int(k) for k in args.draft_max.split(",") if k]
+    report: dict[str, Any] = {"target": args.target, "tokens": args.tokens, "repeat": args.repeat, "drafts": {}}
+
+    plain_gen = Generator(target, ctx, None)
+    for name_path in args.draft or []:
+        name, _, path = name_path.partition("=")
+        if path == "ngram":
+            drafter: Any = NgramDrafter()
+        else:
+            d_model = Model(Path(path), n_gpu_layers=args.n_gpu_layers)
+            drafter = DraftModelDrafter(d_model, Context(d_model, n_ctx=args.n_ctx, flash_attn=True,
+                                                         n_threads=args.threads))
+        modes: list[tuple[str, int | None, int]] = [("plain", 0, 0)]
+        modes += [(f"k={k}", k, k) for k in ks]
+        modes += [(f"adaptive(max {m})", None, m) for m in draft_maxes]
+        runs: dict[str, list[dict[str, Any]]] = {m[0]: [] for m in modes}
+        generate(plain_gen, prompt, 16, 0)  # warm-up: first decodes allocate buffers
+        for _ in range(args.repeat):
+            for label, fixed_k, draft_max in modes:
+                if label == "plain":
+                    gen = plain_gen
+                else:
+                    gen = Generator(target, ctx, drafter, draft_max=draft_max)
+                    generate(gen, prompt, 8, fixed_k)  # warm the batch shape / controller
+                runs[label].append(generate(gen, prompt, args.tokens, fixed_k))
+        reference = runs["plain"][0]["tokens"]
+        gaps = top2_gaps(target, ctx, prompt, reference)
+        plain_tps = statistics.median(r["decode_tps"] for r in runs["plain"])
+        rows = []
+        for label, _, _ in modes:
+            rs = runs[label]
+            tps = statistics.median(r["decode_tps"] for r in rs)
+            drafted = sum(r["drafted"] for r in rs)
+            accepted = sum(r["accepted"] for r in rs)
+            rows.append({
+                "mode": label, "decode_tps": tps, "speedup": tps / plain_tps,
+                "acceptance": accepted / drafted if drafted else None,
+                "mean_accepted_len": 1 + accepted / sum(r["passes"] for r in rs) if drafted else None,
+                "mean_k": statistics.mean(r["mean_k"] for r in rs),
+                "same_tokens": all(r["tokens"] == reference for r in rs),
+                "divergence": divergence(rs, reference, gaps),
+                "runs_tps": [r["decode_tps"] for r in rs],
+            })
+        report["drafts"][name] = {"path": path, "rows": rows}
+        print(f"\n== draft {name} ({path}) ==", flush=True)
+        print(f"{'mode':<18} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'mean len':>8} {'mean k':>7} {'same':>5}")
+        for r in rows:
+            acc = f"{100 * r['acceptance']:.0f}%" if r["acceptance"] is not None else "-"
+            mal = f"{r['mean_accepted_len']:.2f}" if r["mean_accepted_len"] else "-"
+            div = "; ".join(f"at {d['index']} (gap {d['plain_top2_gap']:.4f})" for d in r["divergence"])
+            print(f"{r['mode']:<18} {r['decode_tps']:8.1f} {r['speedup']:7.2f}x {acc:>7} {mal:>8} "
+                  f"{r['mean_k']:7.2f} {'yes' if r['same_tokens'] else 'NO':>5} {div}", flush=True)
+        if path != "ngram":
+            drafter.close()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
