@@ -93,9 +93,25 @@ def _version() -> str:
         return "unknown"
 
 
+def _exit_on_signals() -> None:
+    """SIGTERM / SIGHUP end beechat through SystemExit, so atexit handlers (which stop managed
+    servers) run; a SIGKILL cannot be caught, and loses at most the reply being streamed."""
+    import signal
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, leave)
+        except (ValueError, OSError):  # not the main thread, or not supported here
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _exit_on_signals()
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
