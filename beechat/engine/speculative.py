@@ -62,6 +62,7 @@ class DraftController:
     _last_choice: int = 0
 
     MIN_PROBE, MAX_PROBE = 16, 256
+    MARGIN = 1.03
 
     @property
     def acceptance(self) -> float:
@@ -121,7 +122,8 @@ class DraftController:
         if self.draft_cost is None or len(self.verify_cost) < 2:
             return min(limit, 2)  # then a short draft, to time drafting and verifying
         if self._stale or self._last_choice > 0:  # while drafting is off only probes change anything
-            plain = self.expected_rate(0) or 0.0
+            # drafting must beat plain by a margin: the estimates are noisy and a wrong "yes" costs more
+            plain = (self.expected_rate(0) or 0.0) * self.MARGIN
             best_k, best_rate = 0, plain
             for k in range(1, limit + 1):
                 rate = self.expected_rate(k) or 0.0
