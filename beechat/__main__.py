@@ -1,4 +1,5 @@
-from beechat.cli import main
 import sys
+
+from beechat.cli import main
 
 sys.exit(main())

@@ -4,6 +4,7 @@ and docs/cli.md; scripts rely on them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -102,10 +103,8 @@ def _exit_on_signals() -> None:
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread, or not supported here
             signal.signal(sig, leave)
-        except (ValueError, OSError):  # not the main thread, or not supported here
-            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,7 +273,8 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
 def profile_status(profile: Profile, is_default: bool) -> dict[str, Any]:
     files: dict[str, dict[str, Any]] = {}
     if profile.backend == "embedded":
-        for key, ref in (("target", profile.target), ("draft", profile.draft if profile.speculation == "draft" else None)):
+        draft_ref = profile.draft if profile.speculation == "draft" else None
+        for key, ref in (("target", profile.target), ("draft", draft_ref)):
             if not ref:
                 continue
             try:

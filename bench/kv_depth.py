@@ -22,11 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from beechat.config import CACHE_TYPES, Sampling  # noqa: E402
-from beechat.engine.gguf_meta import read_metadata  # noqa: E402
-from beechat.engine.kv import KVLayout  # noqa: E402
-from beechat.engine.llama import Context, Model, kv_size_from_log  # noqa: E402
-from beechat.engine.speculative import Generator  # noqa: E402
+from beechat.config import CACHE_TYPES, Sampling
+from beechat.engine.gguf_meta import read_metadata
+from beechat.engine.kv import KVLayout
+from beechat.engine.llama import Context, Model, kv_size_from_log
+from beechat.engine.speculative import Generator
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from beechat.config import CACHE_TYPES, demo_config  # noqa: E402
-from beechat.engine.llama import Context, Model  # noqa: E402
+from beechat.config import CACHE_TYPES, demo_config
+from beechat.engine.llama import Context, Model
 
 
 def long_text() -> str:

@@ -27,10 +27,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from beechat.config import Sampling  # noqa: E402
-from beechat.engine.drafters import DraftModelDrafter, NgramDrafter  # noqa: E402
-from beechat.engine.llama import Context, Model, supports_gpu_offload  # noqa: E402
-from beechat.engine.speculative import Generator  # noqa: E402
+from beechat.config import Sampling
+from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
+from beechat.engine.llama import Context, Model, supports_gpu_offload
+from beechat.engine.speculative import Generator
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 PROMPT = ("Write a detailed explanation of how speculative decoding works in large language models, "

@@ -94,7 +94,7 @@ def test_ask_saves_the_exchange_and_export_writes_it(config: Path, tmp_path: Pat
         exported = beechat("export", str(conversation), "--format", fmt, "-o", str(out))
         assert exported.returncode == 0, exported.stderr
         text = out.read_text()
-        assert "Name a colour." in text and "tok/s" in text or fmt == "json"
+        assert ("Name a colour." in text and "tok/s" in text) or fmt == "json"
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["messages"][-1]["stats"]["decode_tps"] > 0
     again = beechat("export", str(conversation), "--format", "md", "-o", str(tmp_path / "t.md"))

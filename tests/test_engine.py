@@ -185,7 +185,7 @@ def test_bigram_pair_accepts_every_draft(tiny_models: dict[str, Path]) -> None:
     assert got == want
     assert drafted > 40 and accepted == drafted  # identical bigram functions: 100% by construction
     # sampling too: p == q exactly, so min(1, p/q) = 1 for every draft
-    sampled, drafted_t, accepted_t = run_tokens(gen, prompt, Sampling(temperature=1.0, top_k=0, top_p=1.0), 64,
+    _, drafted_t, accepted_t = run_tokens(gen, prompt, Sampling(temperature=1.0, top_k=0, top_p=1.0), 64,
                                                 fixed_k=4, seed=3)
     assert drafted_t > 40 and accepted_t / drafted_t > 0.99
 

@@ -115,7 +115,8 @@ class ChatEngine:
             speculating = settings.speculation != "none"
             # Snapshots of the recurrent state let a hybrid target cut back rejected drafts.
             n_rs_seq = settings.draft_max if (recurrent and speculating) else 0
-            self.context = Context(self.model, n_ctx=settings.n_ctx, n_batch=settings.n_batch, type_k=type_k, type_v=type_v, flash_attn=flash,
+            self.context = Context(self.model, n_ctx=settings.n_ctx, n_batch=settings.n_batch, type_k=type_k,
+                                   type_v=type_v, flash_attn=flash,
                                    n_rs_seq=n_rs_seq, n_threads=settings.n_threads)
             drafter: Drafter | None = None
             if has_draft_model:

@@ -31,7 +31,7 @@ class TemplateError(Exception):
 class _IgnoreGeneration(jinja2.ext.Extension):
     """Pass-through for Hugging Face's `{% generation %}` tag."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 (jinja2's Extension declares it this way)
 
     def parse(self, parser: Any) -> Any:
         parser.stream.skip(1)

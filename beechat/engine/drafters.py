@@ -11,7 +11,7 @@ import llama_cpp  # noqa: F401  # load ggml's libraries before numpy's OpenBLAS 
 import numpy as np
 
 from beechat.config import Sampling
-from beechat.engine.llama import Context, Model
+from beechat.engine.llama import Context, Model, SavedState
 from beechat.engine.sampling import Distribution, distribution, greedy_token
 
 
@@ -110,7 +110,7 @@ class DraftModelDrafter:
         # Recurrent drafts cannot cut their state back across several one-token decodes, so the
         # state at the start of each draft is saved and restored when drafts are rejected.
         self._needs_checkpoint = model.is_recurrent or model.is_hybrid
-        self._checkpoint: tuple[int, object] | None = None
+        self._checkpoint: SavedState | None = None
         self._stable = 0  # history[:_stable] is known to equal the cache's first tokens
 
     def begin(self, history: Sequence[int]) -> None:
@@ -124,7 +124,7 @@ class DraftModelDrafter:
         if keep < ctx.n_past and not ctx.truncate(keep):
             checkpoint = self._checkpoint
             if checkpoint is not None and checkpoint[0] <= keep:
-                ctx.restore_partial_state(checkpoint)  # type: ignore[arg-type]
+                ctx.restore_partial_state(checkpoint)
             else:
                 ctx.clear()
         if ctx.n_past < want:

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 Logits = npt.NDArray[np.float32]
+SavedState = tuple[int, "ctypes.Array[ctypes.c_uint8]"]  # (tokens in the cache, recurrent state bytes)
 
 
 class LlamaError(Exception):
@@ -336,7 +337,7 @@ class Context:
         self.last_decode_size = 0
 
     # -- recurrent-state save/restore (the fallback when snapshots cannot reach) -----------------
-    def save_partial_state(self) -> tuple[int, ctypes.Array[ctypes.c_uint8]]:
+    def save_partial_state(self) -> SavedState:
         """Copy the recurrent part of the state (PARTIAL_ONLY) to host memory."""
         flags = lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
         size = lc.llama_state_seq_get_size_ext(self.ptr, 0, flags)
@@ -346,7 +347,7 @@ class Context:
             raise LlamaError("saving the recurrent state failed")
         return self.n_past, buf
 
-    def restore_partial_state(self, saved: tuple[int, ctypes.Array[ctypes.c_uint8]]) -> None:
+    def restore_partial_state(self, saved: SavedState) -> None:
         """Return to a state saved by save_partial_state (recurrent part restored, attention KV
         truncated to the same position)."""
         n_past, buf = saved

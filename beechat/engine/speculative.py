@@ -23,7 +23,7 @@ import numpy as np
 
 from beechat.config import Sampling
 from beechat.engine.drafters import Drafter, common_prefix
-from beechat.engine.llama import Context, LlamaError, Model
+from beechat.engine.llama import Context, LlamaError, Model, SavedState
 from beechat.engine.sampling import Distribution, distribution, greedy_token, verify_draft
 
 
@@ -156,7 +156,7 @@ class Generator:
         # Recurrent targets cut their state back through snapshots (n_rs_seq); a checkpoint of the
         # recurrent state taken after each prefill lets the next turn reuse the prefix anyway.
         self._recurrent = target.is_recurrent or target.is_hybrid
-        self._turn_checkpoint: tuple[int, object] | None = None
+        self._turn_checkpoint: SavedState | None = None
         self.finish_reason = "length"
 
     # -- prefill -------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ class Generator:
         if keep < ctx.n_past and not ctx.truncate(keep):
             checkpoint = self._turn_checkpoint
             if checkpoint is not None and checkpoint[0] <= keep:
-                ctx.restore_partial_state(checkpoint)  # type: ignore[arg-type]
+                ctx.restore_partial_state(checkpoint)
             else:
                 ctx.clear()
         evaluated = want - ctx.n_past
@@ -248,7 +248,8 @@ class Generator:
             row = logits[i]
             seen = tail + drafts[:i]
             if i == len(drafts):  # all drafts accepted: a bonus token from the last row
-                out.append(greedy_token(row, seen, sampling) if greedy else distribution(row, seen, sampling).sample(rng))
+                bonus = greedy_token(row, seen, sampling) if greedy else distribution(row, seen, sampling).sample(rng)
+                out.append(bonus)
                 break
             draft = drafts[i]
             if greedy:
@@ -271,7 +272,7 @@ class Generator:
             if saved is None:
                 raise LlamaError("the target could not roll back its recurrent state "
                                  f"({ctx.n_past - n_keep} tokens, n_rs_seq={ctx.n_rs_seq})")
-            ctx.restore_partial_state(saved)  # type: ignore[arg-type]
+            ctx.restore_partial_state(saved)
             ctx.decode([history[-1], *drafts[:accepted]])
         verify_seconds = time.perf_counter() - started
         # stop at the first end-of-generation token
