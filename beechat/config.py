@@ -84,6 +84,7 @@ class Profile:
     draft: str | None = None
     speculation: Speculation = "none"
     draft_max: int = 16
+    draft_min: int = 0
     n_ctx: int | Literal["auto"] = 4096
     n_gpu_layers: int = -1
     n_threads: int | None = None
@@ -235,7 +236,7 @@ def parse_config(text: str, path: Path) -> Config:
 
 _COMMON_KEYS = {"backend", "system_prompt", "max_tokens", "overflow", "sampling"}
 _EMBEDDED_KEYS = {
-    "target", "draft", "speculation", "draft_max", "n_ctx", "n_gpu_layers", "n_threads", "n_batch",
+    "target", "draft", "speculation", "draft_max", "draft_min", "n_ctx", "n_gpu_layers", "n_threads", "n_batch",
     "cache_type_k", "cache_type_v", "flash_attn",
 }
 _OPENAI_KEYS = {"base_url", "api_model", "api_key_env", "timeout", "connect_timeout", "server"}
@@ -385,6 +386,12 @@ class _Validator:
                 raise self.fail((*where, "draft"), "expected a draft GGUF path because speculation = \"draft\"")
             kwargs.update(draft=draft, speculation=speculation)
             _set(kwargs, "draft_max", self.get_int(table, "draft_max", where, minimum=1, maximum=64))
+            draft_min = self.get_int(table, "draft_min", where, minimum=0, maximum=64)
+            if draft_min is not None:
+                if draft_min > kwargs.get("draft_max", 16):
+                    raise self.fail((*where, "draft_min"), f"expected at most draft_max ({kwargs.get('draft_max', 16)}), "
+                                                           f"got {draft_min}")
+                kwargs["draft_min"] = draft_min
             n_ctx = table.get("n_ctx")
             if n_ctx == "auto":
                 kwargs["n_ctx"] = "auto"

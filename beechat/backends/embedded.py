@@ -33,7 +33,8 @@ class EmbeddedBackend:
             raise BackendError(f"profile {p.name!r}: {exc}") from exc
         n_ctx = p.n_ctx if isinstance(p.n_ctx, int) else self._auto_n_ctx(target)
         return EngineSettings(
-            target=target, draft=draft, speculation=p.speculation, draft_max=p.draft_max, n_ctx=n_ctx,
+            target=target, draft=draft, speculation=p.speculation, draft_max=p.draft_max, draft_min=p.draft_min,
+            n_ctx=n_ctx,
             n_gpu_layers=p.n_gpu_layers, n_threads=p.n_threads, n_batch=p.n_batch,
             cache_type_k=p.cache_type_k, cache_type_v=p.cache_type_v, flash_attn=p.flash_attn,
             overflow=p.overflow,

@@ -41,6 +41,7 @@ class EngineSettings:
     draft: Path | None = None
     speculation: Literal["draft", "ngram", "none"] = "none"
     draft_max: int = 16
+    draft_min: int = 0
     n_ctx: int = 4096
     n_gpu_layers: int = -1
     n_threads: int | None = None
@@ -139,6 +140,7 @@ class ChatEngine:
                 drafter = NgramDrafter()
             self.generator = Generator(self.model, self.context, drafter, draft_max=settings.draft_max,
                                        adaptive=settings.adaptive)
+            self.generator.controller.draft_min = settings.draft_min if drafter else 0
             self.drafter = drafter
             self.template = ChatTemplate(
                 self.model.chat_template(),

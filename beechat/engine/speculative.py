@@ -50,6 +50,7 @@ class DraftController:
     """
 
     draft_max: int
+    draft_min: int = 0  # drafts per pass even when drafting does not seem to pay
     decay: float = 0.85
     accepted_w: float = 0.5  # prior: half of one tested draft accepted
     tested_w: float = 1.0
@@ -114,6 +115,9 @@ class DraftController:
         return tokens / cost if cost > 0 else None
 
     def choose(self, limit: int) -> int:
+        return min(limit, max(self._choose(limit), self.draft_min))
+
+    def _choose(self, limit: int) -> int:
         limit = min(limit, self.draft_max)
         if limit <= 0:
             return 0
