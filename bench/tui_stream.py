@@ -53,7 +53,8 @@ class BenchResult:
         if lat:
             p50 = statistics.median(lat) * 1000
             p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] * 1000
-            keys = f"{len(lat)} key presses while streaming: p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {lat[-1] * 1000:.1f} ms"
+            keys = (f"{len(lat)} key presses while streaming: p50 {p50:.1f} ms, p95 {p95:.1f} ms, "
+                    f"max {lat[-1] * 1000:.1f} ms")
         else:
             keys = "no key presses measured"
         return "\n".join([
@@ -112,7 +113,9 @@ async def run_benchmark(tokens: int = 3000, rate: float = 500.0, key_presses: in
             prompt = app.query_one(PromptInput)
             prompt.load_text("Explain speculative decoding at length.")
             started = time.perf_counter()
-            await pilot.press("enter")
+            press(app, "enter")
+            while not app.generating:
+                await asyncio.sleep(0.001)
             latencies = await type_while_streaming(app, prompt, key_presses, sent_tokens / rate)
             while app.generating:
                 await asyncio.sleep(0.005)
@@ -128,22 +131,25 @@ async def run_benchmark(tokens: int = 3000, rate: float = 500.0, key_presses: in
                        saved_matches=saved == text, markdown_parts=parts, key_latencies_s=latencies)
 
 
+def press(app: BeechatApp, key: str) -> None:
+    """Deliver a key press the way the terminal driver does."""
+    event = events.Key(key, key if len(key) == 1 else None)
+    event.set_sender(app)
+    app.post_message(event)
+
+
 async def type_while_streaming(app: BeechatApp, prompt: PromptInput, key_presses: int,
                                stream_s: float) -> list[float]:
     """Post key events as a terminal would and time each until the input shows it."""
     latencies: list[float] = []
     gap = max(0.005, stream_s / max(1, key_presses + 1))
-    while not app.generating:
-        await asyncio.sleep(0.001)
     for _ in range(key_presses):
         await asyncio.sleep(gap)
         if not app.generating:
             break
         expected = prompt.text + "x"
-        key = events.Key("x", "x")
-        key.set_sender(app)
         posted = time.perf_counter()
-        app.post_message(key)
+        press(app, "x")
         while prompt.text != expected:
             await asyncio.sleep(0.0005)
         latencies.append(time.perf_counter() - posted)

@@ -1,0 +1,19 @@
+"""Widgets of the beechat TUI."""
+
+from beechat.tui.widgets.chat import ChatView, DraftTokensView, ReplyView, UserMessage
+from beechat.tui.widgets.prompt import PromptInput
+from beechat.tui.widgets.sidebar import ConversationSidebar
+from beechat.tui.widgets.stats import StatsPanel
+from beechat.tui.widgets.status import LoadBar, StatusLine
+
+__all__ = [
+    "ChatView",
+    "ConversationSidebar",
+    "DraftTokensView",
+    "LoadBar",
+    "PromptInput",
+    "ReplyView",
+    "StatsPanel",
+    "StatusLine",
+    "UserMessage",
+]

@@ -1,0 +1,415 @@
+"""The chat log: user messages and streamed replies with their reasoning, drafts and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.timer import Timer
+from textual.widget import Widget
+from textual.widgets import Collapsible, Label, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
+
+from beechat.engine.events import Done, Stats
+from beechat.format import percent, rate, stats_line
+from beechat.store import StoredMessage
+from beechat.tui.reasoning import ReasoningSplitter, split_reply
+
+FLUSH_INTERVAL_S: Final = 1 / 30  # streamed text reaches the Markdown at most this often
+PART_CHARS: Final = 1500  # a streamed Markdown document is continued in a new part past this size
+_FENCE = re.compile(r"^ {0,3}(?:`{3,}|~{3,})", re.MULTILINE)
+REASONING_TITLE: Final = "Reasoning"
+REASONING_LIVE_TITLE: Final = "Reasoning (thinking…)"
+FINISH_NOTES: Final = {
+    "cancelled": "stopped",
+    "length": "cut at the token limit",
+    "context": "context full",
+}
+WELCOME: Final = "Type a message below and press Enter to send it."
+
+
+@dataclass(slots=True)
+class TokenRun:
+    """Consecutive reply text from one source: accepted draft tokens or target tokens."""
+
+    text: str
+    from_draft: bool
+
+
+class UserMessage(Vertical):
+    """A message the user sent."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        yield Label("you", classes="message-author")
+        yield Static(self.text, markup=False, classes="user-text")
+
+
+class DraftTokensView(Widget):
+    """The raw reply with the text of accepted draft tokens highlighted."""
+
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"draft-tokens--draft"}
+
+    def __init__(self, runs: list[TokenRun], *, classes: str | None = None) -> None:
+        super().__init__(classes=classes)
+        self.runs = runs  # shared with the ReplyView, which appends to it
+
+    def render(self) -> Text:
+        draft_style = self.get_component_rich_style("draft-tokens--draft", partial=True)
+        text = Text(end="")
+        for run in self.runs:
+            text.append(run.text, draft_style if run.from_draft else None)
+        return text
+
+
+def markdown_cut(text: str, start: int) -> int | None:
+    """The first index at or after `start` where `text` can be split into two Markdown documents
+    that render like one: after a blank line, outside code fences, before a line starting a block."""
+    at = text.find("\n\n", max(0, start - 2))
+    while at != -1:
+        cut = at + 2
+        if cut >= len(text):
+            return None
+        if text[cut] not in " \t\n" and len(_FENCE.findall(text, 0, cut)) % 2 == 0:
+            return cut
+        at = text.find("\n\n", at + 1)
+    return None
+
+
+class MarkdownPart(Markdown):
+    """One part of a StreamingMarkdown.
+
+    Its first child is an empty, zero-height widget. Textual sizes a container whose children all
+    have dynamic heights against its parent's height, which grows with every streamed token, so
+    every block of every part would be measured again on each frame; one fixed-height child makes
+    it measure against the width alone, and a finished part keeps its cached layout.
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Static("", classes="layout-anchor")
+
+
+class StreamingMarkdown(Vertical):
+    """Markdown fed through `Markdown.get_stream()`, continued in a new part (a new Markdown widget)
+    at a block boundary once a part passes PART_CHARS.
+
+    Textual lays out every block of a Markdown widget again whenever the widget grows; with parts,
+    only the last (small) part grows, the finished ones keep their cached layout, so a long reply
+    streams at a steady frame rate.
+    """
+
+    def __init__(self, *, classes: str | None = None) -> None:
+        super().__init__(classes=classes)
+        self._stream: MarkdownStream | None = None
+        self._part_text = ""  # what was written to the last part
+
+    def compose(self) -> ComposeResult:
+        yield MarkdownPart(classes="markdown-part")
+
+    @property
+    def parts(self) -> list[MarkdownPart]:
+        return list(self.query_children(MarkdownPart))
+
+    @property
+    def source(self) -> str:
+        """The whole Markdown written so far."""
+        return "".join(part.source for part in self.parts)
+
+    async def write(self, text: str) -> None:
+        """Append streamed text."""
+        while len(self._part_text) + len(text) >= PART_CHARS:
+            written = len(self._part_text)
+            cut = markdown_cut(self._part_text + text, max(written, PART_CHARS))
+            if cut is None:
+                break
+            await self._write_part(text[:cut - written])
+            await self.stop()
+            await self.mount(MarkdownPart(classes="markdown-part"))
+            self._part_text = ""
+            text = text[cut - written:]
+        await self._write_part(text)
+
+    async def _write_part(self, text: str) -> None:
+        if not text:
+            return
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self.parts[-1])
+        self._part_text += text
+        await self._stream.write(text)
+
+    async def stop(self) -> None:
+        """Finish the stream: everything written is in the document afterwards."""
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.stop()
+
+    async def show(self, text: str) -> None:
+        """Replace the document with `text` (not streamed)."""
+        await self.stop()
+        first, *rest = self.parts
+        if rest:
+            await self.remove_children(rest)
+        await first.update(text)
+        self._part_text = text
+
+
+class ReplyView(Vertical):
+    """One assistant reply: reasoning (collapsed, marked), the answer as Markdown, a variant with
+    draft tokens highlighted, and the reply's stats line, which stays attached to it.
+
+    While streaming, `add_chunk` only queues text; a timer writes the queue to the Markdown
+    streams once per frame, so a 500 tok/s reply costs about 30 Markdown appends a second.
+    """
+
+    def __init__(
+        self,
+        author: str,
+        *,
+        text: str = "",
+        stats: Stats | None = None,
+        finish_reason: str | None = None,
+        error: str | None = None,
+        complete: bool = True,
+        streaming: bool = False,
+        show_reasoning: bool = False,
+    ) -> None:
+        super().__init__(classes="-no-reasoning")
+        self.author = author
+        self.runs: list[TokenRun] = [TokenRun(text, False)] if text else []
+        self.stats = stats
+        self.finish_reason = finish_reason
+        self.error = error
+        self.complete = complete
+        self.streaming = streaming
+        self._show_reasoning = show_reasoning
+        self._pending: list[str] = []
+        self._splitter = ReasoningSplitter()
+        self._flush_timer: Timer | None = None
+        self._lock = asyncio.Lock()  # the flush timer and finish() never write at the same time
+
+    @property
+    def text(self) -> str:
+        """The reply as received so far, reasoning included."""
+        return "".join(run.text for run in self.runs)
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.author, classes="message-author")
+        with Collapsible(title=REASONING_TITLE, collapsed=not self._show_reasoning, classes="reasoning"):
+            yield StreamingMarkdown(classes="reasoning-text")
+        yield StreamingMarkdown(classes="answer")
+        yield DraftTokensView(self.runs, classes="draft-tokens")
+        yield Static("", markup=False, classes="reply-stats")
+
+    async def on_mount(self) -> None:
+        if self.streaming:
+            self._flush_timer = self.set_interval(FLUSH_INTERVAL_S, self._flush)
+        else:
+            await self._show_whole_text()
+        self._show_stats_line()
+
+    # -- streaming -----------------------------------------------------------------------------
+    def add_chunk(self, text: str, from_draft: bool) -> None:
+        """Queue streamed text; it is shown at the next flush."""
+        if not text:
+            return
+        if self.runs and self.runs[-1].from_draft == from_draft:
+            self.runs[-1].text += text
+        else:
+            self.runs.append(TokenRun(text, from_draft))
+        self._pending.append(text)
+
+    def show_live_stats(self, stats: Stats) -> None:
+        """Show a live stats snapshot under the reply while it streams: one short line, updated
+        without a layout (the stats panel has the details)."""
+        self.stats = stats
+        self.query_one(".reply-stats", Static).update(live_caption(stats), layout=False)
+
+    async def finish(self, done: Done) -> None:
+        """Write what is left, close the Markdown streams and show the final stats."""
+        if done.text != self.text and done.text.startswith(self.text):
+            self.add_chunk(done.text[len(self.text):], False)  # text the events did not carry
+        if not self.is_attached:  # the app is closing
+            return
+        async with self._lock:
+            if self._flush_timer is not None:
+                self._flush_timer.stop()
+                self._flush_timer = None
+            await self._write_pending(final=True)
+            await self.answer.stop()
+            await self.reasoning.stop()
+        self.streaming = False
+        self.stats = done.stats
+        self.finish_reason = done.finish_reason
+        self.error = done.error
+        self.complete = True
+        self.query_one(Collapsible).title = REASONING_TITLE
+        self._show_stats_line()
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            if self.streaming and self.is_attached:
+                await self._write_pending(final=False)
+
+    async def _write_pending(self, final: bool) -> None:
+        text = "".join(self._pending)
+        self._pending.clear()
+        segments = self._splitter.feed(text) if text else []
+        if final:
+            segments.extend(self._splitter.finish())
+        for kind, part in segments:
+            if kind == "answer":
+                await self.answer.write(part)
+            elif kind == "reasoning":
+                self._reveal_reasoning()
+                await self.reasoning.write(part)
+            else:  # the answer so far was reasoning after all: start the answer again
+                await self.answer.show("")
+        if text or segments:
+            collapsible = self.query_one(Collapsible)
+            collapsible.title = REASONING_LIVE_TITLE if self._splitter.in_reasoning else REASONING_TITLE
+            draft_tokens = self.query_one(DraftTokensView)
+            if draft_tokens.display:
+                draft_tokens.refresh(layout=True)
+
+    @property
+    def answer(self) -> StreamingMarkdown:
+        return self.query_one(".answer", StreamingMarkdown)
+
+    @property
+    def reasoning(self) -> StreamingMarkdown:
+        return self.query_one(".reasoning-text", StreamingMarkdown)
+
+    # -- a whole reply (from the store) ----------------------------------------------------------
+    async def _show_whole_text(self) -> None:
+        reasoning, answer = split_reply(self.text)
+        if reasoning:
+            self._reveal_reasoning()
+            await self.reasoning.show(reasoning)
+        await self.answer.show(answer)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _reveal_reasoning(self) -> None:
+        self.remove_class("-no-reasoning")
+
+    def set_reasoning_expanded(self, expanded: bool) -> None:
+        self._show_reasoning = expanded
+        self.query_one(Collapsible).collapsed = not expanded
+
+    def _show_stats_line(self) -> None:
+        caption = self.query_one(".reply-stats", Static)
+        caption.set_class(not self.streaming, "-final")
+        caption.update(reply_caption(self.stats, self.finish_reason, self.error, self.complete, self.streaming))
+
+
+def live_caption(stats: Stats) -> str:
+    """The one-line caption of a reply while it streams."""
+    parts = [f"streaming… {stats.tokens} tokens", f"decode {rate(stats.decode_tps)}"]
+    if stats.acceptance is not None:
+        parts.append(f"acceptance {percent(stats.acceptance)}")
+    return " | ".join(parts)
+
+
+def reply_caption(stats: Stats | None, finish_reason: str | None, error: str | None, complete: bool,
+                  streaming: bool) -> str:
+    """The line under a reply: its stats, then how it ended when that was not normal."""
+    if streaming:
+        return "streaming…"
+    parts = [stats_line(stats) if stats is not None else "stats n/a"]
+    if not complete:
+        parts.append("partial (generation did not finish)")
+    elif finish_reason == "error":
+        parts.append(f"error: {error or 'generation failed'}")
+    elif finish_reason in FINISH_NOTES:
+        parts.append(FINISH_NOTES[finish_reason])
+    return " | ".join(parts)
+
+
+class ChatView(VerticalScroll):
+    """The conversation, anchored to the newest message while the user does not scroll up."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(WELCOME, classes="chat-welcome")
+
+    def show_welcome(self, text: str) -> None:
+        """Set the hint shown while the conversation is empty."""
+        self.query_one(".chat-welcome", Static).update(text)
+
+    def on_mount(self) -> None:
+        self.anchor()
+
+    @property
+    def replies(self) -> list[ReplyView]:
+        return list(self.query_children(ReplyView))
+
+    @property
+    def last_reply(self) -> ReplyView | None:
+        replies = self.replies
+        return replies[-1] if replies else None
+
+    async def add_user_message(self, text: str) -> UserMessage:
+        message = UserMessage(text)
+        await self.mount(message)
+        self._update_welcome()
+        self.anchor()
+        return message
+
+    async def add_reply(self, reply: ReplyView) -> ReplyView:
+        await self.mount(reply)
+        self._update_welcome()
+        self.anchor()
+        return reply
+
+    async def show_messages(self, messages: Sequence[StoredMessage], show_reasoning: bool) -> None:
+        """Replace the log with stored messages (a resumed conversation); system messages are skipped."""
+        await self.clear_messages()
+        widgets: list[Widget] = []
+        for message in messages:
+            if message.role == "user":
+                widgets.append(UserMessage(message.content))
+            elif message.role == "assistant":
+                widgets.append(ReplyView(
+                    message.profile or "assistant", text=message.content,
+                    stats=Stats.from_dict(message.stats) if message.stats else None,
+                    finish_reason=message.finish_reason, complete=message.complete,
+                    show_reasoning=show_reasoning,
+                ))
+        if widgets:
+            await self.mount_all(widgets)
+        self._update_welcome()
+        self.anchor()
+
+    async def clear_messages(self) -> None:
+        await self.query_children("UserMessage, ReplyView").remove()
+        self._update_welcome()
+
+    async def remove_last(self, widget_type: type[UserMessage] | type[ReplyView]) -> bool:
+        """Remove the last message widget if it is of `widget_type`."""
+        messages = list(self.query_children("UserMessage, ReplyView"))
+        if not messages or not isinstance(messages[-1], widget_type):
+            return False
+        await messages[-1].remove()
+        self._update_welcome()
+        return True
+
+    def set_reasoning_expanded(self, expanded: bool) -> None:
+        for reply in self.replies:
+            reply.set_reasoning_expanded(expanded)
+
+    def set_draft_highlight(self, highlight: bool) -> None:
+        """Show replies as raw text with accepted-draft tokens highlighted, or as Markdown."""
+        self.set_class(highlight, "-draft-highlight")
+        if highlight:
+            for view in self.query(DraftTokensView):
+                view.refresh(layout=True)  # hidden views were not refreshed while their text grew
+
+    def _update_welcome(self) -> None:
+        self.set_class(bool(self.query_children("UserMessage, ReplyView")), "-has-messages")
