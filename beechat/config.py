@@ -388,9 +388,9 @@ class _Validator:
             _set(kwargs, "draft_max", self.get_int(table, "draft_max", where, minimum=1, maximum=64))
             draft_min = self.get_int(table, "draft_min", where, minimum=0, maximum=64)
             if draft_min is not None:
-                if draft_min > kwargs.get("draft_max", 16):
-                    raise self.fail((*where, "draft_min"), f"expected at most draft_max ({kwargs.get('draft_max', 16)}), "
-                                                           f"got {draft_min}")
+                draft_max = kwargs.get("draft_max", 16)
+                if draft_min > draft_max:
+                    raise self.fail((*where, "draft_min"), f"expected at most draft_max ({draft_max}), got {draft_min}")
                 kwargs["draft_min"] = draft_min
             n_ctx = table.get("n_ctx")
             if n_ctx == "auto":

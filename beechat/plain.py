@@ -82,10 +82,14 @@ def run_plain(config: Config, profile: Profile, overrides: dict[str, Any], max_t
                 if command == "/model":
                     try:
                         new_profile = config.profile(arg.strip())
-                        session.backend.close()  # free the old model's memory first
+                    except Exception as exc:  # an unknown name: keep the model we have
+                        print(f"error: {exc}", file=sys.stderr)
+                        continue
+                    session.backend.close()  # free the old model's memory first
+                    try:
                         new_backend, new_info = load_backend(new_profile, quiet=not interactive)
                     except Exception as exc:
-                        print(f"error: {exc}", file=sys.stderr)
+                        print(f"error: {exc}; reloading {session.profile.name}", file=sys.stderr)
                         new_backend, new_info = load_backend(session.profile, quiet=not interactive)
                         new_profile = session.profile
                     session.switch_backend(new_backend, new_profile, new_info)
@@ -97,12 +101,7 @@ def run_plain(config: Config, profile: Profile, overrides: dict[str, Any], max_t
             sampling = session.profile.sampling.with_overrides(**overrides)
             cancel = threading.Event()
             print("bee> " if interactive else "", end="", flush=True)
-            try:
-                done = session.send(text, sampling, cancel, max_tokens, _printer())
-            except KeyboardInterrupt:
-                cancel.set()
-                print("\n(stopped)")
-                continue
+            done = _send_interruptibly(session, text, sampling, cancel, max_tokens)
             if not done.text.endswith("\n"):
                 print()
             if done.error:
@@ -114,6 +113,31 @@ def run_plain(config: Config, profile: Profile, overrides: dict[str, Any], max_t
         if store is not None:
             store.close()
     return 1 if failures and not interactive else 0
+
+
+def _send_interruptibly(session: Any, text: str, sampling: Any, cancel: threading.Event,
+                        max_tokens: int | None) -> Done:
+    """Generate on a worker thread so Ctrl-C only sets `cancel` (an interrupt inside a llama.cpp
+    call would leave the engine's view of its cache wrong); the partial reply is kept."""
+    result: list[Done] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(session.send(text, sampling, cancel, max_tokens, _printer()))
+        except BaseException as exc:  # re-raised on the main thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=work, name="beechat-generate", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        try:
+            worker.join(0.1)
+        except KeyboardInterrupt:
+            cancel.set()
+    if errors:
+        raise errors[0]
+    return result[0]
 
 
 def _printer() -> Any:

@@ -91,12 +91,14 @@ class ChatSession:
             done = Done(text="".join(parts), stats=latest_stats or Stats(), finish_reason="error",
                         error="the backend ended the stream without finishing the reply")
         text = done.text or "".join(parts)
-        if text or done.finish_reason != "error":
+        # a reply is kept when it said something or ended normally; a failed empty one is not
+        keep = bool(text) or done.finish_reason in ("stop", "length")
+        if keep:
             self.messages.append({"role": "assistant", "content": text})
         if reply_id is not None and self.store is not None:
-            if text or done.finish_reason not in ("error", "context"):
+            if keep:
                 self.store.finish_reply(reply_id, text, done.stats.to_dict(), done.finish_reason)
-            else:  # nothing was said: keep no empty reply
+            else:
                 self.store.delete_message(reply_id)
         return done
 

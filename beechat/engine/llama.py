@@ -14,6 +14,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,18 @@ import numpy as np
 import numpy.typing as npt
 
 Logits = npt.NDArray[np.float32]
-SavedState = tuple[int, "ctypes.Array[ctypes.c_uint8]"]  # (tokens in the cache, recurrent state bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedState:
+    """The recurrent part of a context's state, and the tokens it was computed from."""
+
+    tokens: tuple[int, ...]
+    data: ctypes.Array[ctypes.c_uint8]
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
 
 
 class LlamaError(Exception):
@@ -287,6 +299,8 @@ class Context:
         n = len(tokens)
         if n == 0:
             raise ValueError("decode needs at least one token")
+        if not self.ptr:
+            raise LlamaError("the model was unloaded")
         if self.n_past + n > self.n_ctx:
             raise LlamaError(f"context full: {self.n_past} + {n} tokens > n_ctx {self.n_ctx}")
         if all_logits and n > self.n_batch:
@@ -302,18 +316,31 @@ class Context:
             self._batch_logits[:size] = 1 if (all_logits and last_chunk) else 0
             if last_chunk:
                 self._batch_logits[size - 1] = 1
-            rc = lc.llama_decode(self.ptr, self._batch)
-            if rc != 0:
-                # llama_decode leaves the cache as it was before this chunk on failure
-                raise LlamaError(f"llama_decode failed (code {rc}) at position {pos0}"
-                                 + (" - the KV cache is full" if rc == 1 else ""))
-            self.tokens.extend(tokens[start:start + size])
+            try:
+                rc = lc.llama_decode(self.ptr, self._batch)
+                if rc != 0:
+                    # llama_decode leaves the cache as it was before this chunk on failure
+                    raise LlamaError(f"llama_decode failed (code {rc}) at position {pos0}"
+                                     + (" - the KV cache is full" if rc == 1 else ""))
+                self.tokens.extend(tokens[start:start + size])
+            except BaseException:
+                # e.g. KeyboardInterrupt raised right after the C call returned: make `tokens`
+                # true again before anything else uses this context
+                self._resync(tokens[start:start + size], pos0)
+                raise
             self.last_decode_size = size
             start += size
         rows = n if all_logits else 1
         ptr = lc.llama_get_logits(self.ptr)
         out: Logits = np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
         return out
+
+    def _resync(self, chunk: Sequence[int], pos0: int) -> None:
+        cells = int(lc.llama_memory_seq_pos_max(self.memory, 0)) + 1
+        if cells == pos0 + len(chunk) and len(self.tokens) == pos0:
+            self.tokens.extend(chunk)
+        elif cells != len(self.tokens):
+            self.clear()
 
     def truncate(self, n_keep: int) -> bool:
         """Drop cache entries from position n_keep on. False when the model cannot (recurrent
@@ -337,6 +364,23 @@ class Context:
             self.last_decode_size = 0  # single use
         return True
 
+    def rewind(self, n_keep: int, *checkpoints: SavedState | None) -> None:
+        """Cut the cache back to n_keep tokens: by truncation where the model allows it, else by
+        restoring the latest checkpoint that is still valid (computed from the tokens the cache
+        holds) and lies at or before n_keep (the caller decodes the rest again), else by clearing."""
+        if n_keep >= self.n_past or self.truncate(n_keep):
+            return
+        usable = [c for c in checkpoints if c is not None and c.n_past <= n_keep and self.holds(c)]
+        if usable:
+            self.restore_partial_state(max(usable, key=lambda c: c.n_past))
+        else:
+            self.clear()
+
+    def holds(self, saved: SavedState) -> bool:
+        """Whether `saved` was computed from the tokens at the start of this cache."""
+        n = saved.n_past
+        return n <= self.n_past and tuple(self.tokens[:n]) == saved.tokens
+
     def clear(self) -> None:
         lc.llama_memory_clear(self.memory, True)
         self.tokens.clear()
@@ -351,14 +395,14 @@ class Context:
         written = lc.llama_state_seq_get_data_ext(self.ptr, buf, size, 0, flags)
         if written != size:
             raise LlamaError("saving the recurrent state failed")
-        return self.n_past, buf
+        return SavedState(tokens=tuple(self.tokens), data=buf)
 
     def restore_partial_state(self, saved: SavedState) -> None:
         """Return to a state saved by save_partial_state (recurrent part restored, attention KV
         truncated to the same position)."""
-        n_past, buf = saved
-        if n_past > self.n_past:
-            raise LlamaError("cannot restore a state from the future")
+        if not self.holds(saved):
+            raise LlamaError("cannot restore a state computed from other tokens")
+        n_past, buf = saved.n_past, saved.data
         flags = lc.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
         read = lc.llama_state_seq_set_data_ext(self.ptr, buf, len(buf), 0, flags)
         if read != len(buf):

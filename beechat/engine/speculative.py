@@ -168,14 +168,8 @@ class Generator:
         """Make the cache hold prompt[:-1], reusing the common prefix. Returns tokens evaluated."""
         ctx = self.context
         want = len(prompt) - 1
-        keep = min(common_prefix(ctx.tokens, prompt), want)
-        if keep < ctx.n_past and not ctx.truncate(keep):
-            checkpoint = self._turn_checkpoint
-            if checkpoint is not None and checkpoint[0] <= keep:
-                ctx.restore_partial_state(checkpoint)
-            else:
-                ctx.clear()
-        evaluated = want - ctx.n_past
+        ctx.rewind(min(common_prefix(ctx.tokens, prompt), want), self._turn_checkpoint)
+        reused = ctx.n_past
         # evaluate in n_batch chunks so a stop request lands between chunks
         while ctx.n_past < want:
             if cancel is not None and cancel.is_set():
@@ -184,7 +178,7 @@ class Generator:
             ctx.decode(prompt[ctx.n_past:end])
         if self._recurrent and ctx.n_past == want and want > 0:
             self._turn_checkpoint = ctx.save_partial_state()
-        return max(0, evaluated)
+        return ctx.n_past - reused
 
     # -- decoding ------------------------------------------------------------------------------
     def steps(self, prompt: Sequence[int], sampling: Sampling, max_tokens: int,
@@ -204,7 +198,7 @@ class Generator:
             if room < 0:
                 self.finish_reason = "context"
                 return
-            limit = min(room, max_tokens - emitted - 1)
+            limit = min(room, max_tokens - emitted - 1, ctx.n_batch - 1)  # one verify batch
             if self.drafter is None or limit <= 0:
                 k = 0
             elif fixed_k is not None:
