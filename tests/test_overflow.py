@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_truncate_middle_keeps_the_first_exchange(engines: dict[str, ChatEngine]
     assert "And finally?" in rendered  # newest kept
     assert "Reply number 5." not in rendered  # the middle is gone
     roles = [part.split("\n", 1)[0] for part in rendered.split("<|im_start|>")[2:]]
-    assert all(a != b for a, b in zip(roles, roles[1:], strict=False)), roles  # still alternating
+    assert all(a != b for a, b in itertools.pairwise(roles)), roles  # still alternating
 
 
 def test_stop_policy_ends_with_a_clear_message(engines: dict[str, ChatEngine]) -> None:
