@@ -38,9 +38,13 @@ def test_a_checkpoint_from_other_tokens_is_never_restored(tiny_models: dict[str,
     ctx.decode(b)
     ctx.rewind(len(a) + 2, checkpoint)  # A's state under B's cache would be silently wrong
     assert ctx.n_past == 0
-    # the same checkpoint over its own tokens is restored, and computes what a fresh context does
+    assert not checkpoint.valid  # the clear invalidated it for good
+    # a checkpoint over the tokens still in the cache is restored, and computes what a fresh context does
     extra = model.tokenize(" and more words follow here")
-    ctx.decode(a + extra)
+    ctx.clear()
+    ctx.decode(a)
+    checkpoint = ctx.save_partial_state()
+    ctx.decode(extra)
     ctx.rewind(len(a) + 1, checkpoint)
     assert ctx.tokens == a
     got = ctx.decode(extra[:1])[0].copy()

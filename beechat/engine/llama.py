@@ -12,9 +12,9 @@ import os
 import re
 import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +25,20 @@ import numpy.typing as npt
 Logits = npt.NDArray[np.float32]
 
 
-@dataclass(frozen=True, slots=True)
 class SavedState:
-    """The recurrent part of a context's state, and the tokens it was computed from."""
+    """The recurrent part of a context's state after its first `n_past` tokens.
 
-    tokens: tuple[int, ...]
-    data: ctypes.Array[ctypes.c_uint8]
+    It stays `valid` while the context never holds fewer than `n_past` tokens; any cut below that
+    (truncate, clear, another restore) invalidates it, so a state computed from other tokens is
+    never restored. That check costs nothing per token, unlike comparing token lists.
+    """
 
-    @property
-    def n_past(self) -> int:
-        return len(self.tokens)
+    __slots__ = ("__weakref__", "data", "n_past", "valid")
+
+    def __init__(self, n_past: int, data: ctypes.Array[ctypes.c_uint8]) -> None:
+        self.n_past = n_past
+        self.data = data
+        self.valid = True
 
 
 class LlamaError(Exception):
@@ -271,6 +275,7 @@ class Context:
         self.tokens: list[int] = []
         self.recurrent = model.is_recurrent or model.is_hybrid
         self.last_decode_size = 0  # tokens in the last llama_decode call (bounds a snapshot rollback)
+        self._saves: weakref.WeakSet[SavedState] = weakref.WeakSet()  # states still valid here
         self._batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self._batch_tokens = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
         self._batch_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
@@ -359,7 +364,7 @@ class Context:
                 return False
         if not lc.llama_memory_seq_rm(self.memory, 0, n_keep, -1):
             return False
-        del self.tokens[n_keep:]
+        self._shrunk_to(n_keep)
         if self.recurrent:
             self.last_decode_size = 0  # single use
         return True
@@ -378,12 +383,19 @@ class Context:
 
     def holds(self, saved: SavedState) -> bool:
         """Whether `saved` was computed from the tokens at the start of this cache."""
-        n = saved.n_past
-        return n <= self.n_past and tuple(self.tokens[:n]) == saved.tokens
+        return saved.valid and saved.n_past <= self.n_past and saved in self._saves
+
+    def _shrunk_to(self, n: int) -> None:
+        """Drop cache entries from position n on, invalidating states saved beyond it."""
+        del self.tokens[n:]
+        for saved in list(self._saves):
+            if saved.n_past > n:
+                saved.valid = False
+                self._saves.discard(saved)
 
     def clear(self) -> None:
         lc.llama_memory_clear(self.memory, True)
-        self.tokens.clear()
+        self._shrunk_to(0)
         self.last_decode_size = 0
 
     # -- recurrent-state save/restore (the fallback when snapshots cannot reach) -----------------
@@ -395,7 +407,9 @@ class Context:
         written = lc.llama_state_seq_get_data_ext(self.ptr, buf, size, 0, flags)
         if written != size:
             raise LlamaError("saving the recurrent state failed")
-        return SavedState(tokens=tuple(self.tokens), data=buf)
+        saved = SavedState(self.n_past, buf)
+        self._saves.add(saved)
+        return saved
 
     def restore_partial_state(self, saved: SavedState) -> None:
         """Return to a state saved by save_partial_state (recurrent part restored, attention KV
@@ -410,7 +424,7 @@ class Context:
         # The recurrent cell now sits at n_past - 1, so this only cuts the attention cache.
         if not lc.llama_memory_seq_rm(self.memory, 0, n_past, -1):
             raise LlamaError("truncating the attention cache after a restore failed")
-        del self.tokens[n_past:]
+        self._shrunk_to(n_past)
         self.last_decode_size = 0
 
     def close(self) -> None:
