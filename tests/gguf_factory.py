@@ -516,6 +516,8 @@ def write_qwen35(
     logit_scale: float = DEFAULT_LOGIT_SCALE,
     head_type: HeadType = "q4_0",
     rope_freq_base: float = 10_000_000.0,
+    mtp: bool = False,
+    mtp_seed: int | None = None,
 ) -> Path:
     """Write a tiny hybrid ``qwen35`` GGUF (Qwen3.5/3.6 layout) and return its path.
 
@@ -535,9 +537,20 @@ def write_qwen35(
     per-token state decay exp(softplus(alpha) * a) is ~0.7-0.97: the state remembers several tokens
     (tests of recurrent rollback need that). Conv taps have std 0.5. With ``zero_layers=True`` every
     projection and conv tap is 0 and the model is a pure bigram of its head, like ``write_llama``.
+
+    ``mtp=True`` appends one MTP (nextn) block ``blk.{n_layer}`` and writes
+    ``qwen35.nextn_predict_layers = 1`` (``block_count`` then counts it, as in real Qwen3.5 GGUFs).
+    llama.cpp's MTP graph computes, for token x at position p+1 and the target's final normed hidden
+    state h_p, ``head(norm(block(eh_proj @ [enorm(emb(x)), hnorm(h_p)])))``. By default the block
+    *agrees* with a zero-layer target: ``eh_proj = [I | 0]`` keeps only the token half and every
+    block matrix is 0, so the head computes ``head(norm(emb(x)))`` - exactly what the bigram target
+    will predict after x (acceptance ~100%; ~92% of argmaxes against a 4-layer random target at
+    ``layer_scale=0.02``). ``mtp_seed=N`` instead fills eh_proj and the block with random weights
+    from N: a head that disagrees with the target (it still mixes in the real token and hidden state).
     """
     if n_head % n_head_kv or ssm_dt_rank % ssm_n_group:
         raise ValueError("n_head must be a multiple of n_head_kv and ssm_dt_rank of ssm_n_group")
+    mtp = mtp or mtp_seed is not None
     if not 2 <= full_attention_interval <= n_layer:
         # llama.cpp 0.3.36 aborts (GGML_ASSERT(buffer) in ggml-backend.cpp) when creating a context
         # for a qwen35 model without any recurrent layer or without any attention layer
@@ -547,6 +560,8 @@ def write_qwen35(
     if rot > head_dim:
         raise ValueError("n_rot must not exceed head_dim")
     kind = "zero" if zero_layers else f"s{layer_seed}"
+    if mtp:
+        kind += "-mtp" if mtp_seed is None else f"-mtp{mtp_seed}"
     out, w, tok = _begin(
         path,
         "qwen35",
@@ -562,7 +577,9 @@ def write_qwen35(
     w.add_vocab_size(tok.n_vocab)
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
+    w.add_block_count(n_layer + (1 if mtp else 0))
+    if mtp:
+        w.add_uint32("qwen35.nextn_predict_layers", 1)
     w.add_feed_forward_length(n_ff)
     w.add_head_count(n_head)
     w.add_head_count_kv(n_head_kv)
@@ -606,8 +623,39 @@ def write_qwen35(
         w.add_tensor(p + "ffn_gate.weight", r.matrix(n_ff, n_embd))
         w.add_tensor(p + "ffn_up.weight", r.matrix(n_ff, n_embd))
         w.add_tensor(p + "ffn_down.weight", r.matrix(n_embd, n_ff))
+    if mtp:
+        _add_mtp_block(w, n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+                       n_ff=n_ff, seed=mtp_seed, scale=layer_scale)
     _finish(w)
     return out
+
+
+def _add_mtp_block(w: GGUFWriter, il: int, *, n_embd: int, n_head: int, n_head_kv: int, head_dim: int,
+                   n_ff: int, seed: int | None, scale: float) -> None:
+    """One Qwen3.5 MTP block at index ``il``: a full-attention decoder block plus the nextn tensors
+    (no ``nextn.embed_tokens``/``shared_head_*``: llama.cpp then uses the target's embedding, output
+    norm and head). ``seed=None``: the agreeing block described in ``write_qwen35``."""
+    r = _LayerRng(seed if seed is not None else 0, il, scale, zero=seed is None)
+    p = f"blk.{il}."
+    w.add_tensor(p + "attn_norm.weight", _ones(n_embd))
+    w.add_tensor(p + "post_attention_norm.weight", _ones(n_embd))
+    w.add_tensor(p + "attn_q.weight", r.matrix(2 * n_head * head_dim, n_embd))
+    w.add_tensor(p + "attn_k.weight", r.matrix(n_head_kv * head_dim, n_embd))
+    w.add_tensor(p + "attn_v.weight", r.matrix(n_head_kv * head_dim, n_embd))
+    w.add_tensor(p + "attn_output.weight", r.matrix(n_embd, n_head * head_dim))
+    w.add_tensor(p + "attn_q_norm.weight", _ones(head_dim))
+    w.add_tensor(p + "attn_k_norm.weight", _ones(head_dim))
+    w.add_tensor(p + "ffn_gate.weight", r.matrix(n_ff, n_embd))
+    w.add_tensor(p + "ffn_up.weight", r.matrix(n_ff, n_embd))
+    w.add_tensor(p + "ffn_down.weight", r.matrix(n_embd, n_ff))
+    if seed is None:  # [I | 0]: the token half of concat(enorm(emb), hnorm(h)) passes, h is ignored
+        eh = np.zeros((n_embd, 2 * n_embd), dtype=np.float16)
+        eh[:, :n_embd] = np.eye(n_embd, dtype=np.float16)
+    else:  # mixes both halves; rows have unit gain on a unit-RMS input
+        eh = r.matrix(n_embd, 2 * n_embd, scale=1.0 / np.sqrt(2 * n_embd))
+    w.add_tensor(p + "nextn.eh_proj.weight", eh)
+    w.add_tensor(p + "nextn.enorm.weight", _ones(n_embd))
+    w.add_tensor(p + "nextn.hnorm.weight", _ones(n_embd))
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,14 +676,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--zero-layers", action="store_true")
     ap.add_argument("--head-type", choices=sorted(_HEAD_QTYPES))
     ap.add_argument("--full-attention-interval", type=int, help="qwen35 only")
+    ap.add_argument("--mtp", action="store_true",
+                    help="qwen35 only: add an MTP (nextn) block that predicts what the target will predict next")
+    ap.add_argument("--mtp-seed", type=int, help="qwen35 only: add a random MTP block from this seed (disagrees)")
     a = ap.parse_args(argv)
-    skip = ("arch", "out", "full_attention_interval")
+    skip = ("arch", "out", "full_attention_interval", "mtp", "mtp_seed")
     kw: dict[str, Any] = {k: v for k, v in vars(a).items() if k not in skip and v is not None}
     if a.arch == "qwen35":
         if a.full_attention_interval is not None:
             kw["full_attention_interval"] = a.full_attention_interval
-        out = write_qwen35(a.out, **kw)
+        out = write_qwen35(a.out, mtp=a.mtp, mtp_seed=a.mtp_seed, **kw)
     else:
+        if a.mtp or a.mtp_seed is not None:
+            ap.error("--mtp and --mtp-seed need the qwen35 architecture")
         out = write_llama(a.out, **kw)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 

@@ -1,4 +1,5 @@
-"""Draft sources for speculative decoding: a small draft model, or n-gram prompt lookup."""
+"""Draft sources for speculative decoding: a small draft model, n-gram prompt lookup, and the interface
+they share with the MTP drafter (beechat.engine.mtp), which also sees what the target computed."""
 
 from __future__ import annotations
 
@@ -26,10 +27,20 @@ class Proposal:
 
 
 class Drafter(Protocol):
+    """A draft source. `kind` names it in stats ("draft", "ngram", "mtp")."""
+
     kind: str
 
     def begin(self, history: Sequence[int]) -> None:
         """A new reply starts from `history`; until the next begin, histories only grow."""
+        ...
+
+    def observe(self, target: Context, tokens: Sequence[int], pos0: int) -> None:
+        """The target just evaluated `tokens` at positions pos0.. in one llama_decode (prefill chunks,
+        verify batches, re-evaluations after a state restore). Its outputs for them (logits, and the
+        hidden states when the drafter asked for them with `target.output_hidden`) are readable
+        until its next decode. A pos0 below the end of the previous decode means the target's
+        cache was cut back to pos0 first. Drafters that need nothing from the target ignore it."""
         ...
 
     def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
@@ -68,6 +79,9 @@ class NgramDrafter:
         if keep < len(self._tokens):  # a different history (another conversation, a cut): rebuild
             self._tokens = []
             self._index = {s: {} for s in self.sizes}
+
+    def observe(self, target: Context, tokens: Sequence[int], pos0: int) -> None:
+        pass  # the history passed to propose is all it needs
 
     def _extend_index(self, history: Sequence[int]) -> None:
         # `_tokens` is the history indexed so far; each n-gram ending at j (tokens j-s..j-1) is
@@ -119,6 +133,9 @@ class DraftModelDrafter:
     def begin(self, history: Sequence[int]) -> None:
         self._stable = 0
         self._new_turn = True
+
+    def observe(self, target: Context, tokens: Sequence[int], pos0: int) -> None:
+        pass  # it evaluates the history itself, in its own context (sync)
 
     def sync(self, history: Sequence[int]) -> None:
         """Bring the draft cache to hold history[:-1] (everything but the pending token)."""

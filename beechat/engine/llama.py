@@ -129,12 +129,13 @@ class Model:
 
     def __init__(self, path: Path, *, n_gpu_layers: int = -1,
                  progress: Callable[[float], None] | None = None,
-                 cancel: threading.Event | None = None, vocab_only: bool = False) -> None:
+                 cancel: threading.Event | None = None, vocab_only: bool = False, load_mtp: bool = False) -> None:
         log = llama_log()
         self.path = path
         params = lc.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 10_000
         params.vocab_only = vocab_only
+        params.load_mtp = load_mtp  # the MTP (nextn) block's weights: only an MTP drafter runs them
 
         def on_progress(fraction: float, _user: Any) -> bool:
             if progress is not None:
@@ -160,6 +161,9 @@ class Model:
         self.is_hybrid = bool(lc.llama_model_is_hybrid(ptr))
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(ptr))
         self.size_bytes = int(lc.llama_model_size(ptr))
+        self.n_layer_nextn = int(lc.llama_model_n_layer_nextn(ptr))  # MTP layers in the file
+        self.mtp_loaded = load_mtp and self.n_layer_nextn > 0
+        self.n_embd_out = int(lc.llama_model_n_embd_out(ptr)) or int(lc.llama_model_n_embd(ptr))
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
 
@@ -285,10 +289,34 @@ class Context:
         for i in range(self.n_batch):
             self._batch.seq_id[i][0] = 0
         self._abort = threading.Event()
+        # Called after every llama_decode with (tokens, pos0): drafters that learn from what the target
+        # computed (MTP reads its hidden states) see every evaluated token and every cut (a pos0 below
+        # the previous end means the cache was cut back to pos0 first).
+        self.observers: list[Callable[[Context, Sequence[int], int], None]] = []
+        self.hidden_output = False
 
     @property
     def n_past(self) -> int:
         return len(self.tokens)
+
+    def output_hidden(self, enabled: bool) -> None:
+        """Make every decode also keep the final (output-normed) hidden state of every evaluated token,
+        the input of an MTP head (llama_set_embeddings_nextn, unmasked)."""
+        from llama_cpp import llama_cpp_ext
+
+        llama_cpp_ext.llama_set_embeddings_nextn(self.ptr, enabled, False)
+        self.hidden_output = enabled
+
+    def hidden(self, n: int) -> Logits:
+        """The hidden-state rows (n, n_embd_out) of the last decode's tokens (needs output_hidden);
+        a view valid until the next decode."""
+        from llama_cpp import llama_cpp_ext
+
+        ptr = llama_cpp_ext.llama_get_embeddings_nextn(self.ptr)
+        if not ptr:
+            raise LlamaError("the target did not output hidden states")
+        out: Logits = np.ctypeslib.as_array(ptr, shape=(n, self.model.n_embd_out))
+        return out
 
     def log_lines(self) -> list[str]:
         """llama.cpp log lines printed while this context was created (e.g. its KV size)."""
@@ -334,6 +362,8 @@ class Context:
                 self._resync(tokens[start:start + size], pos0)
                 raise
             self.last_decode_size = size
+            for observe in self.observers:
+                observe(self, tokens[start:start + size], pos0)
             start += size
         rows = n if all_logits else 1
         ptr = lc.llama_get_logits(self.ptr)

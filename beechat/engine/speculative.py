@@ -155,6 +155,8 @@ class Generator:
         self.target = target
         self.context = context
         self.drafter = drafter
+        if drafter is not None and drafter.observe not in context.observers:
+            context.observers.append(drafter.observe)  # drafters see every target decode (MTP needs that)
         self.controller = DraftController(draft_max=draft_max if drafter else 0)
         self.adaptive = adaptive
         # Recurrent targets cut their state back through snapshots (n_rs_seq); a checkpoint of the
