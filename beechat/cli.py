@@ -241,7 +241,8 @@ def cmd_ask(args: argparse.Namespace, config: Config) -> int:
         if store is not None:
             store.close()
     if args.json:
-        draft = info.draft if info.speculation == "draft" else ("ngram" if info.speculation == "ngram" else None)
+        draft = info.draft if info.speculation == "draft" else (
+            info.speculation if info.speculation in ("ngram", "mtp") else None)
         print(json.dumps({
             "text": done.text, "model": profile.name, "draft": draft, "tokens": done.stats.tokens,
             "conversation": session.conversation_id, "stats": done.stats.contract_dict(),

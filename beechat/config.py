@@ -19,7 +19,7 @@ from typing import Any, Literal
 from beechat import locations
 
 Backend = Literal["embedded", "openai"]
-Speculation = Literal["draft", "ngram", "none"]
+Speculation = Literal["draft", "ngram", "mtp", "none"]
 Overflow = Literal["stop", "drop-oldest", "truncate-middle"]
 
 # KV cache types the bundled llama.cpp accepts for K and V, with their GGML type ids.
@@ -379,7 +379,7 @@ class _Validator:
                 raise self.fail((*where, "target"), "expected the path of the target GGUF (missing)")
             kwargs["target"] = target
             draft = self.get_str(table, "draft", where)
-            speculation = self.get_str(table, "speculation", where, ("draft", "ngram", "none"))
+            speculation = self.get_str(table, "speculation", where, ("draft", "ngram", "mtp", "none"))
             if speculation is None:
                 speculation = "draft" if draft else "none"
             if speculation == "draft" and not draft:

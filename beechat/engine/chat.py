@@ -25,6 +25,7 @@ from beechat.engine.events import ChatMessage, Chunk, DecodeClock, Done, Event, 
 from beechat.engine.gguf_meta import read_metadata
 from beechat.engine.kv import KVLayout
 from beechat.engine.llama import Context, LlamaError, Model
+from beechat.engine.mtp import MTPContext, MTPDrafter, mtp_problem
 from beechat.engine.speculative import Generator
 
 Overflow = Literal["stop", "drop-oldest", "truncate-middle"]
@@ -39,7 +40,7 @@ class EngineError(Exception):
 class EngineSettings:
     target: Path
     draft: Path | None = None
-    speculation: Literal["draft", "ngram", "none"] = "none"
+    speculation: Literal["draft", "ngram", "mtp", "none"] = "none"
     draft_max: int = 16
     draft_min: int = 0
     n_ctx: int = 4096
@@ -94,6 +95,7 @@ class ChatEngine:
         self._lock = threading.Lock()
         self._cut: _Cut | None = None
         self.draft_model: Model | None = None
+        self.drafter: Drafter | None = None
         self.draft_context: Context | None = None
         type_k = cache_type_id(settings.cache_type_k, "cache_type_k")
         type_v = cache_type_id(settings.cache_type_v, "cache_type_v")
@@ -104,11 +106,15 @@ class ChatEngine:
         report = progress or (lambda fraction, what: None)
         has_draft_model = settings.speculation == "draft" and settings.draft is not None
         share = 0.85 if has_draft_model else 1.0
+        if settings.speculation == "mtp":
+            problem = mtp_problem(settings.target)
+            if problem:
+                raise EngineError(problem)
         try:
             report(0.0, f"loading {settings.target.name}")
             self.model = Model(settings.target, n_gpu_layers=settings.n_gpu_layers,
                                progress=lambda f: report(f * share, f"loading {settings.target.name}"),
-                               cancel=cancel)
+                               cancel=cancel, load_mtp=settings.speculation == "mtp")
         except LlamaError as exc:
             raise EngineError(str(exc)) from exc
         try:
@@ -138,6 +144,9 @@ class ChatEngine:
                 drafter = DraftModelDrafter(self.draft_model, self.draft_context)
             elif settings.speculation == "ngram":
                 drafter = NgramDrafter()
+            elif settings.speculation == "mtp":
+                drafter = self.drafter = MTPDrafter(self.context, type_k=type_k, type_v=type_v, flash_attn=flash,
+                                                    n_threads=settings.n_threads)
             self.generator = Generator(self.model, self.context, drafter, draft_max=settings.draft_max,
                                        adaptive=settings.adaptive)
             self.generator.controller.draft_min = settings.draft_min if drafter else 0
@@ -364,7 +373,9 @@ class ChatEngine:
             self._close()
 
     def _close(self) -> None:
-        for closable in (getattr(self, "draft_context", None), getattr(self, "draft_model", None),
+        drafter = getattr(self, "drafter", None)
+        for closable in (drafter if isinstance(drafter, MTPDrafter) else None,  # before the target it links to
+                         getattr(self, "draft_context", None), getattr(self, "draft_model", None),
                          getattr(self, "context", None), getattr(self, "model", None)):
             if closable is not None:
                 closable.close()
@@ -376,18 +387,24 @@ def _signature(messages: Sequence[ChatMessage], index: int) -> int:
 
 
 class _KVAccount:
-    """KV bytes in use and allocated (target + draft), computed from GGUF metadata."""
+    """KV bytes in use and allocated (target + draft, or + the MTP head's context), computed from
+    GGUF metadata."""
 
-    def __init__(self, engine: ChatEngine, parts: list[tuple[KVLayout, Context]]) -> None:
+    def __init__(self, engine: ChatEngine, parts: list[tuple[KVLayout, Context | MTPContext]]) -> None:
         self.engine = engine
         self.parts = parts
 
     @classmethod
     def create(cls, engine: ChatEngine) -> _KVAccount:
-        pairs = [(engine.model, engine.context)]
+        pairs: list[tuple[Model, Context | MTPContext]] = [(engine.model, engine.context)]
         if engine.draft_model is not None and engine.draft_context is not None:
             pairs.append((engine.draft_model, engine.draft_context))
-        return cls(engine, [(KVLayout.from_metadata(read_metadata(m.path, tensors=False)), c) for m, c in pairs])
+        parts: list[tuple[KVLayout, Context | MTPContext]] = [
+            (KVLayout.from_metadata(read_metadata(m.path, tensors=False)), c) for m, c in pairs]
+        if isinstance(engine.drafter, MTPDrafter):  # the nextn layer's own KV cache
+            meta = read_metadata(engine.model.path, tensors=False)
+            parts.append((KVLayout.from_metadata(meta, mtp=True), engine.drafter.mtp))
+        return cls(engine, parts)
 
     def capacity(self) -> int:
         s = self.engine.settings

@@ -96,6 +96,12 @@ class GGUFMetadata:
         return value if isinstance(value, int) and not isinstance(value, bool) else default
 
     @property
+    def nextn_layers(self) -> int:
+        """MTP (nextn) layers the model carries after its trunk (`{arch}.nextn_predict_layers`, 0 when
+        absent): Qwen3.5/3.6 GGUFs converted with their MTP block have 1."""
+        return self.get_int(f"{self.arch}.nextn_predict_layers")
+
+    @property
     def n_vocab(self) -> int:
         """Length of tokenizer.ggml.tokens (0 when absent)."""
         info = self.arrays.get("tokenizer.ggml.tokens")

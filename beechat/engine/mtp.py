@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import llama_cpp as lc  # loads ggml's libraries before numpy's OpenBLAS (docs/troubleshooting.md)
 import numpy as np
@@ -30,15 +31,29 @@ from llama_cpp import llama_cpp_ext
 
 from beechat.config import Sampling
 from beechat.engine.drafters import Proposal
+from beechat.engine.gguf_meta import GGUFError, read_metadata
 from beechat.engine.llama import Context, LlamaError, Logits, Model, default_threads, llama_log
 from beechat.engine.sampling import distribution, greedy_token
+
+
+def mtp_problem(path: Path) -> str | None:
+    """Why speculation = "mtp" cannot work on the GGUF at `path` (read from its metadata), or None."""
+    try:
+        meta = read_metadata(path, tensors=False)
+    except (GGUFError, OSError) as exc:
+        return str(exc)
+    if meta.nextn_layers <= 0:
+        return (f"speculation = \"mtp\" needs MTP layers, but {path} has none "
+                f"({meta.arch}.nextn_predict_layers is missing or 0); use a GGUF converted with its MTP "
+                "block, or speculation = \"draft\" or \"ngram\"")
+    return None
 
 
 def no_mtp_reason(model: Model) -> str | None:
     """Why `model` cannot draft with MTP, or None when it can."""
     if model.n_layer_nextn <= 0:
-        return (f"{model.path.name} has no MTP layers (no nextn_predict_layers in its GGUF metadata); "
-                "use a GGUF converted with its MTP block, or speculation = \"draft\"/\"ngram\"")
+        return (f"speculation = \"mtp\" needs MTP layers, but {model.path} has none; use a GGUF converted "
+                "with its MTP block, or speculation = \"draft\" or \"ngram\"")
     if not model.mtp_loaded:
         return f"{model.path.name} was loaded without its MTP layers"
     return None
