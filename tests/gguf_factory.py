@@ -545,8 +545,9 @@ def write_qwen35(
     *agrees* with a zero-layer target: ``eh_proj = [I | 0]`` keeps only the token half and every
     block matrix is 0, so the head computes ``head(norm(emb(x)))`` - exactly what the bigram target
     will predict after x (acceptance ~100%; ~92% of argmaxes against a 4-layer random target at
-    ``layer_scale=0.02``). ``mtp_seed=N`` instead fills eh_proj and the block with random weights
-    from N: a head that disagrees with the target (it still mixes in the real token and hidden state).
+    ``layer_scale=0.02``). ``mtp_seed=N`` instead fills eh_proj and the block with random unit-gain
+    weights from N: a head that disagrees with the target and whose drafts depend on the token, the
+    hidden state and its attention over the MTP cache alike (tests of the cache mirroring need that).
     """
     if n_head % n_head_kv or ssm_dt_rank % ssm_n_group:
         raise ValueError("n_head must be a multiple of n_head_kv and ssm_dt_rank of ssm_n_group")
@@ -625,29 +626,31 @@ def write_qwen35(
         w.add_tensor(p + "ffn_down.weight", r.matrix(n_embd, n_ff))
     if mtp:
         _add_mtp_block(w, n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-                       n_ff=n_ff, seed=mtp_seed, scale=layer_scale)
+                       n_ff=n_ff, seed=mtp_seed)
     _finish(w)
     return out
 
 
 def _add_mtp_block(w: GGUFWriter, il: int, *, n_embd: int, n_head: int, n_head_kv: int, head_dim: int,
-                   n_ff: int, seed: int | None, scale: float) -> None:
+                   n_ff: int, seed: int | None) -> None:
     """One Qwen3.5 MTP block at index ``il``: a full-attention decoder block plus the nextn tensors
     (no ``nextn.embed_tokens``/``shared_head_*``: llama.cpp then uses the target's embedding, output
     norm and head). ``seed=None``: the agreeing block described in ``write_qwen35``."""
-    r = _LayerRng(seed if seed is not None else 0, il, scale, zero=seed is None)
+    # seeded: unit-gain matrices (std 1/sqrt(fan-in)), so attention over the MTP cache and the FFN
+    # change the output as much as the token and hidden-state inputs do
+    r = _LayerRng(seed if seed is not None else 0, il, 1.0 / np.sqrt(n_embd), zero=seed is None)
     p = f"blk.{il}."
     w.add_tensor(p + "attn_norm.weight", _ones(n_embd))
     w.add_tensor(p + "post_attention_norm.weight", _ones(n_embd))
     w.add_tensor(p + "attn_q.weight", r.matrix(2 * n_head * head_dim, n_embd))
     w.add_tensor(p + "attn_k.weight", r.matrix(n_head_kv * head_dim, n_embd))
     w.add_tensor(p + "attn_v.weight", r.matrix(n_head_kv * head_dim, n_embd))
-    w.add_tensor(p + "attn_output.weight", r.matrix(n_embd, n_head * head_dim))
+    w.add_tensor(p + "attn_output.weight", r.matrix(n_embd, n_head * head_dim, scale=1.0 / np.sqrt(n_head * head_dim)))
     w.add_tensor(p + "attn_q_norm.weight", _ones(head_dim))
     w.add_tensor(p + "attn_k_norm.weight", _ones(head_dim))
     w.add_tensor(p + "ffn_gate.weight", r.matrix(n_ff, n_embd))
     w.add_tensor(p + "ffn_up.weight", r.matrix(n_ff, n_embd))
-    w.add_tensor(p + "ffn_down.weight", r.matrix(n_embd, n_ff))
+    w.add_tensor(p + "ffn_down.weight", r.matrix(n_embd, n_ff, scale=1.0 / np.sqrt(n_ff)))
     if seed is None:  # [I | 0]: the token half of concat(enorm(emb), hnorm(h)) passes, h is ignored
         eh = np.zeros((n_embd, 2 * n_embd), dtype=np.float16)
         eh[:, :n_embd] = np.eye(n_embd, dtype=np.float16)

@@ -182,6 +182,11 @@ class MTPDrafter:
         target.output_hidden(True)  # the Generator registers `observe` with the target context
 
     # -- mirroring the target ------------------------------------------------------------------
+    @property
+    def mirrored(self) -> int:
+        """Target positions the MTP cache holds or has queued (the target's n_past when in step)."""
+        return self.mtp.n_past + len(self._pending)
+
     def observe(self, target: Context, tokens: Sequence[int], pos0: int) -> None:
         n = len(tokens)
         if pos0 < self._known:
