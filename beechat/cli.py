@@ -264,11 +264,23 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
     print(f"config: {config.source}")
     for row in rows:
         mark = "*" if row["default"] else " "
-        files = ", ".join(f"{k} {'ok' if v['exists'] else 'MISSING'} ({v['path']})" for k, v in row["files"].items())
+        files = ", ".join(f"{k} {'ok' if v['exists'] else 'MISSING'} ({v['path']})"
+                          + (f" [MTP layers: {v['mtp_layers']}]" if v.get("mtp_layers") else "")
+                          for k, v in row["files"].items())
         print(f"{mark} {row['name']:<18} {row['backend']:<8} {row['summary']}")
         if files:
             print(f"    {files}")
     return EXIT_OK
+
+
+def _mtp_layers(path: Path) -> int | None:
+    """MTP (nextn) layers in a GGUF's metadata; None when it cannot be read."""
+    from beechat.engine.gguf_meta import GGUFError, read_metadata
+
+    try:
+        return read_metadata(path, tensors=False).nextn_layers
+    except (GGUFError, OSError):
+        return None
 
 
 def profile_status(profile: Profile, is_default: bool) -> dict[str, Any]:
@@ -281,6 +293,8 @@ def profile_status(profile: Profile, is_default: bool) -> dict[str, Any]:
             try:
                 path = profile.target_path() if key == "target" else profile.draft_path()
                 files[key] = {"path": str(path), "exists": bool(path and path.is_file())}
+                if files[key]["exists"] and path is not None:
+                    files[key]["mtp_layers"] = _mtp_layers(path)
             except ModelFileError as exc:
                 files[key] = {"path": ref, "exists": False, "error": str(exc)}
     return {

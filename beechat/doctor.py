@@ -45,8 +45,15 @@ def check_profile(profile: Profile) -> list[dict[str, str]]:
             _check(results, FAIL, f"{name}: {role} file", str(exc))
             continue
         paths.append((role, path))
+        mtp = f", MTP layers {meta.nextn_layers}" if meta.nextn_layers else ", no MTP layers"
         _check(results, OK, f"{name}: {role} file",
-               f"{path} ({human_bytes(path.stat().st_size)}, arch {meta.arch}, vocab {meta.n_vocab})")
+               f"{path} ({human_bytes(path.stat().st_size)}, arch {meta.arch}, vocab {meta.n_vocab}{mtp})")
+        if role == "target" and profile.speculation == "mtp":
+            from beechat.engine.mtp import mtp_problem
+
+            problem = mtp_problem(path)
+            _check(results, FAIL if problem else OK, f"{name}: MTP drafting",
+                   problem or f"{meta.nextn_layers} MTP layer(s): the target drafts for itself")
     if len(paths) == 2:
         results.append(_vocab_check(name, paths[0][1], paths[1][1]))
     try:

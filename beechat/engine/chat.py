@@ -298,6 +298,7 @@ class ChatEngine:
             speculating = self.drafter is not None
             if speculating:
                 stats.drafted, stats.accepted, stats.passes = 0, 0, 0
+                stats.draft_source = self.drafter.kind if self.drafter is not None else None
             last_stats = 0.0
             for step in self.generator.steps(prompt, sampling, max_tokens, cancel, rng, fixed_k=fixed_k):
                 if speculating and step.drafted:
@@ -331,7 +332,8 @@ class ChatEngine:
     def _chunks(self, tokens: list[int], n_from_draft: int, decoder: codecs.IncrementalDecoder) -> Iterator[Chunk]:
         if n_from_draft:
             text = decoder.decode(b"".join(self.model.piece(t) for t in tokens[:n_from_draft]))
-            yield Chunk(text=text, n_tokens=n_from_draft, from_draft=True)
+            yield Chunk(text=text, n_tokens=n_from_draft, from_draft=True,
+                        source=self.drafter.kind if self.drafter is not None else "draft")
         rest = tokens[n_from_draft:]
         if rest:
             text = decoder.decode(b"".join(self.model.piece(t) for t in rest))

@@ -38,6 +38,7 @@ class Stats:
     accepted: int | None = None
     passes: int | None = None  # target verification passes while speculating
     draft_len: int | None = None  # current draft length chosen by the adaptive controller
+    draft_source: str | None = None  # the drafter: "draft" (a model), "ngram" or "mtp" (the target's MTP head)
     kv_bytes: int | None = None
     kv_bytes_capacity: int | None = None
     ctx_used: int | None = None
@@ -90,11 +91,13 @@ class Stats:
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A run of emitted tokens from one source; `from_draft` marks tokens of an accepted draft."""
+    """A run of emitted tokens from one source; `from_draft` marks tokens of an accepted draft and
+    `source` names where they came from: "target", or the drafter ("draft", "ngram", "mtp")."""
 
     text: str
     n_tokens: int
     from_draft: bool = False
+    source: str = "target"
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,7 +221,8 @@ class MTPDrafter:
         slot = pos % self._ring_size
         if self._ring_pos[slot] != pos or pos >= self._known:
             return np.zeros(self.n_embd, dtype=np.float32)
-        return self._ring[slot]
+        row: np.ndarray = self._ring[slot]
+        return row
 
     def _flush(self) -> None:
         """Feed the pending target tokens to the MTP cache, each with the target's h one position back."""

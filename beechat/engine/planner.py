@@ -1,7 +1,8 @@
 """Capacity planning: how much context fits in the memory there is, per KV cache type.
 
 Memory needed = weights (the GGUF file sizes of target and draft) + KV cache and recurrent state
-(beechat.engine.kv, from metadata) + compute overhead. The overhead is an estimate: 512 MiB plus
+(beechat.engine.kv, from metadata; with speculation = "mtp" also the MTP head's own KV cache, one
+layer over the whole context) + compute overhead. The overhead is an estimate: 512 MiB plus
 the logits buffer (n_batch x n_vocab x 4 bytes) plus 2% of the weights; llama.cpp's own
 `compute buffer size` log lines on a loaded model show the real figure (`beechat doctor`).
 """
@@ -24,9 +25,17 @@ GIB = 1 << 30
 class ModelFiles:
     target: Path
     draft: Path | None
+    mtp: bool = False  # speculation = "mtp": the target's MTP head runs in a context of its own
 
     def metadata(self) -> list[GGUFMetadata]:
         return [read_metadata(p, tensors=False) for p in (self.target, self.draft) if p is not None]
+
+    def layouts(self, metas: list[GGUFMetadata]) -> list[KVLayout]:
+        """KV layouts of the contexts: target, then the draft's or the MTP head's."""
+        layouts = [KVLayout.from_metadata(m) for m in metas]
+        if self.mtp and metas and metas[0].nextn_layers > 0:
+            layouts.append(KVLayout.from_metadata(metas[0], mtp=True))
+        return layouts
 
     def weights_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.target, self.draft) if p is not None)
@@ -68,7 +77,7 @@ def overhead_bytes(metas: list[GGUFMetadata], weights: int, n_batch: int = 512) 
 def plan(files: ModelFiles, free_bytes: int, n_rs_seq: int = 0, n_batch: int = 512,
          pairs: tuple[tuple[str, str], ...] = PLAN_PAIRS) -> list[PlanRow]:
     metas = files.metadata()
-    layouts = [KVLayout.from_metadata(m) for m in metas]
+    layouts = files.layouts(metas)
     weights = files.weights_bytes()
     budget = free_bytes - weights - overhead_bytes(metas, weights, n_batch)
     limit = min((layout.n_ctx_train for layout in layouts if layout.n_ctx_train > 0), default=1 << 20)
@@ -98,7 +107,7 @@ def plan(files: ModelFiles, free_bytes: int, n_rs_seq: int = 0, n_batch: int = 5
 
 def profile_files(profile: Profile) -> ModelFiles:
     draft = profile.draft_path() if profile.speculation == "draft" else None
-    return ModelFiles(profile.target_path(), draft)
+    return ModelFiles(profile.target_path(), draft, mtp=profile.speculation == "mtp")
 
 
 def auto_n_ctx(profile: Profile) -> int:

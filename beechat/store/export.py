@@ -158,7 +158,8 @@ def stats_fields(stats: Mapping[str, Any] | None, finish_reason: str | None = No
         ("prefill", _rate(values.get("prefill_tps"))),
         ("acceptance", _percent(acceptance)),
         ("mean accepted length", _decimal(mean_accepted_len, 2)),
-        ("drafted/accepted", _pair(_integer(drafted), _integer(accepted), "/")),
+        ("drafted/accepted", _pair(_integer(drafted), _integer(accepted), "/")
+         + (f" ({values['draft_source']})" if values.get("draft_source") and drafted is not None else "")),
         ("KV cache", _pair(_bytes(values.get("kv_bytes")), _bytes(values.get("kv_bytes_capacity")), " / ")),
         ("context", _pair(_integer(values.get("ctx_used")), _integer(values.get("ctx_size")), " / ")),
         ("tokens", tokens),

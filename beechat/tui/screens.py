@@ -44,8 +44,10 @@ def profile_option(row: Mapping[str, Any], current: str | None) -> Option:
         lines.append(Content.assemble(*parts))
     else:
         lines.append(Content.assemble("  ", (str(row.get("summary", "")), "$text-primary")))
+    target = files.get("target") or {}
+    mtp = " · MTP layers ✓" if target.get("mtp_layers") else ""  # the GGUF can draft for itself
     details = (f"  {row.get('backend')} · speculation {row.get('speculation')} · "
-               f"KV {row.get('cache_type_k')}/{row.get('cache_type_v')} · n_ctx {row.get('n_ctx')}")
+               f"KV {row.get('cache_type_k')}/{row.get('cache_type_v')} · n_ctx {row.get('n_ctx')}{mtp}")
     lines.append(Content.styled(details, "$text-muted"))
     return Option(Content("\n").join(lines), id=name)
 

@@ -114,7 +114,8 @@ class StatsPanel(VerticalScroll):
         self._row("stat-prefill", prefill)
         if stats is not None and stats.drafted is not None:
             accepted = NA if stats.accepted is None else str(stats.accepted)
-            self._row("stat-drafted", f"{stats.drafted} / accepted {accepted}")
+            source = f" ({stats.draft_source})" if stats.draft_source else ""
+            self._row("stat-drafted", f"{stats.drafted} / accepted {accepted}{source}")
         else:
             self._row("stat-drafted", NA)
         self._row("stat-acceptance", percent(stats.acceptance) if stats else NA)
