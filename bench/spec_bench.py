@@ -9,6 +9,9 @@ absolute tok/s depend on the machine.
 GPU (H200) usage, see docs/benchmarks.md for the exact command and results:
   python bench/spec_bench.py --target T.gguf --draft good=D1.gguf --draft useless=D2.gguf \
       --tokens 256 --ks 4,8,15 --draft-max 16,32 --json-out results.json
+`--draft NAME=mtp` drafts with the target's own MTP head (a GGUF with nextn layers, e.g. from
+bench/synth_qwen35_mtp.py); `--draft NAME=ngram` with prompt lookup. A hybrid target gets
+n_rs_seq = the longest draft, so rejected drafts roll back through snapshots.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beechat.config import Sampling
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
 from beechat.engine.llama import Context, Model, supports_gpu_offload
+from beechat.engine.mtp import MTPDrafter
 from beechat.engine.speculative import Generator
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
@@ -96,17 +100,24 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--n-rs-seq", type=int, default=-1, help="recurrent snapshots (default: the longest draft "
+                    "for a hybrid target)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
 
     print(f"gpu offload: {supports_gpu_offload()}", flush=True)
     t0 = time.perf_counter()
-    target = Model(Path(args.target), n_gpu_layers=args.n_gpu_layers)
-    ctx = Context(target, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads)
-    print(f"target loaded in {time.perf_counter() - t0:.1f}s: {target.description()}", flush=True)
-    prompt = target.tokenize(PROMPT)
     ks = [int(k) for k in args.ks.split(",") if k]
     draft_maxes = [int(k) for k in args.draft_max.split(",") if k]
+    wants_mtp = any(d.partition("=")[2] == "mtp" for d in args.draft)
+    target = Model(Path(args.target), n_gpu_layers=args.n_gpu_layers, load_mtp=wants_mtp)
+    n_rs_seq = args.n_rs_seq
+    if n_rs_seq < 0:
+        n_rs_seq = max([*ks, *draft_maxes]) if (target.is_hybrid or target.is_recurrent) else 0
+    ctx = Context(target, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads, n_rs_seq=n_rs_seq)
+    print(f"target loaded in {time.perf_counter() - t0:.1f}s: {target.description()}"
+          f"{f', MTP layers {target.n_layer_nextn}' if target.n_layer_nextn else ''}, n_rs_seq {n_rs_seq}", flush=True)
+    prompt = target.tokenize(PROMPT)
     report: dict[str, Any] = {"target": args.target, "tokens": args.tokens, "repeat": args.repeat, "drafts": {}}
 
     plain_gen = Generator(target, ctx, None)
@@ -114,6 +125,8 @@ def main() -> None:
         name, _, path = name_path.partition("=")
         if path == "ngram":
             drafter: Any = NgramDrafter()
+        elif path == "mtp":
+            drafter = MTPDrafter(ctx, flash_attn=True, n_threads=args.threads)
         else:
             d_model = Model(Path(path), n_gpu_layers=args.n_gpu_layers)
             drafter = DraftModelDrafter(d_model, Context(d_model, n_ctx=args.n_ctx, flash_attn=True,
@@ -125,6 +138,9 @@ def main() -> None:
         generate(plain_gen, prompt, 16, 0)  # warm-up: first decodes allocate buffers
         for _ in range(args.repeat):
             for label, fixed_k, draft_max in modes:
+                # plain runs must not feed the MTP head: only its own generator watches the target
+                ctx.observers.clear()
+                ctx.output_hidden(isinstance(drafter, MTPDrafter) and label != "plain")
                 if label == "plain":
                     gen = plain_gen
                 else:
@@ -160,6 +176,7 @@ def main() -> None:
                   f"{r['mean_k']:7.2f} {'yes' if r['same_tokens'] else 'NO':>5} {div}", flush=True)
         if path != "ngram":
             drafter.close()
+        ctx.observers.clear()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
 
