@@ -32,10 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gguf import GGMLQuantizationType, GGUFValueType  # noqa: E402
-from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
+from gguf import GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
 
-from tests.gguf_factory import _mrope_sections, _pack_string_array, _PackedArray, _Writer, read_tokenizer  # noqa: E402
+from tests.gguf_factory import _mrope_sections, _pack_string_array, _PackedArray, _Writer, read_tokenizer
 
 Q4_K, Q8_0 = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q8_0
 _zeros: dict[tuple[int, int, int], np.ndarray] = {}
@@ -88,7 +88,7 @@ def add_tokenizer(w: _Writer, vocab: Path, pad_to: int) -> int:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
-    ap.add_argument("--vocab", required=True, help="vocab-only GGUF to copy the tokenizer from (ggml-vocab-qwen35.gguf)")
+    ap.add_argument("--vocab", required=True, help="vocab-only GGUF to copy the tokenizer from")
     ap.add_argument("--pad-vocab", type=int, default=248320)
     ap.add_argument("--n-embd", type=int, default=5120)
     ap.add_argument("--n-layer", type=int, default=64, help="trunk layers (the MTP block comes on top)")

@@ -372,3 +372,12 @@ def test_models_doctor_and_plan_report_mtp_layers(mtp_models: dict[str, Path], t
     without = plan(ModelFiles(files.target, None), 1 << 34)[0]
     head = KVLayout.from_metadata(read_metadata(files.target, tensors=False), mtp=True)
     assert with_head.bytes_per_token == (without.bytes_per_token or 0) + head.bytes_per_token("f16", "f16")
+
+
+def test_server_commands_with_mtp_are_recognised() -> None:
+    from beechat.backends.server import speculation_from_command
+
+    assert speculation_from_command(["llama-server", "-m", "t.gguf", "--spec-type", "draft-mtp"]) == ("mtp", None)
+    vllm = ["vllm", "serve", "Qwen/Qwen3.6-27B", "--speculative-config",
+            '{"method": "qwen3_next_mtp", "num_speculative_tokens": 3}']
+    assert speculation_from_command(vllm) == ("mtp", None)

@@ -288,12 +288,16 @@ def speculation_from_command(command: Sequence[str]) -> tuple[str, str | None]:
     if vllm:
         if '"ngram"' in vllm or "'ngram'" in vllm:
             return "ngram", None
+        if re.search(r"[\"']method[\"']\s*:\s*[\"'](mtp|qwen3_next_mtp|deepseek_mtp)[\"']", vllm):
+            return "mtp", None
         match = re.search(r"[\"']model[\"']\s*:\s*[\"']([^\"']+)", vllm)
         method = re.search(r"[\"']method[\"']\s*:\s*[\"']([^\"']+)", vllm)
         return "draft", (match.group(1) if match else method.group(1) if method else "speculative")
     if spec_type:
         if spec_type.startswith("ngram"):
             return "ngram", None
+        if spec_type in ("draft-mtp", "mtp"):  # the model's own MTP head (llama.cpp's draft-mtp)
+            return "mtp", None
         if spec_type != "none":
             return "draft", draft or spec_type
     if draft:
