@@ -100,7 +100,10 @@ class MTPContext:
         self.n_embd = model.n_embd_out
         self.memory = lc.llama_get_memory(ptr)
         self.n_past = 0  # positions 0..n_past-1 of the MTP cache mirror the target's
-        llama_cpp_ext.llama_set_embeddings_nextn(ptr, True, True)  # h' of the rows with logits
+        self._last_row = 0  # batch index of the last decode's output row
+        # h' of every row, indexed by batch position: the qwen35 MTP graph's masked output holds the
+        # first rows of the batch, not the rows with logits (right only for one-token batches)
+        llama_cpp_ext.llama_set_embeddings_nextn(ptr, True, False)
         # a batch with both token ids and hidden rows: llama_batch_init allocates `embd` only when
         # asked for it, so the token array is ours (and detached again before llama_batch_free)
         self._batch = lc.llama_batch_init(self.n_batch, self.n_embd, 1)
@@ -134,6 +137,7 @@ class MTPContext:
         if rc != 0:
             raise LlamaError(f"MTP decode failed (code {rc}) at position {pos0}")
         self.n_past = pos0 + n
+        self._last_row = n - 1
         if not logits:
             return None
         row: Logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ptr, n - 1), shape=(self.model.n_vocab,))
@@ -141,7 +145,7 @@ class MTPContext:
 
     def last_hidden(self) -> np.ndarray:
         """h' of the last decode's output row (a copy)."""
-        ptr = llama_cpp_ext.llama_get_embeddings_nextn_ith(self.ptr, 0)
+        ptr = llama_cpp_ext.llama_get_embeddings_nextn_ith(self.ptr, self._last_row)
         if not ptr:
             raise LlamaError("the MTP head did not output its hidden state")
         return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
@@ -224,15 +228,22 @@ class MTPDrafter:
         row: np.ndarray = self._ring[slot]
         return row
 
-    def _flush(self) -> None:
-        """Feed the pending target tokens to the MTP cache, each with the target's h one position back."""
+    def _flush(self, last: int | None = None) -> Logits | None:
+        """Feed the pending target tokens to the MTP cache, each with the target's h one position back.
+        With `last` (the pending token that follows them) the same batch also makes the first draft
+        step: its logits are returned (one llama_decode instead of two per pass)."""
         start = self.mtp.n_past
-        pending, self._pending = self._pending, []
-        for i in range(0, len(pending), self.mtp.n_batch):
-            chunk = pending[i:i + self.mtp.n_batch]
+        tokens, self._pending = self._pending, []
+        if last is not None:
+            tokens.append(last)
+        logits = None
+        for i in range(0, len(tokens), self.mtp.n_batch):
+            chunk = tokens[i:i + self.mtp.n_batch]
             pos0 = start + i
             hidden = np.stack([self._hidden(p - 1) for p in range(pos0, pos0 + len(chunk))])
-            self.mtp.decode(chunk, hidden, pos0, logits=False)
+            final = i + len(chunk) == len(tokens)
+            logits = self.mtp.decode(chunk, hidden, pos0, logits=last is not None and final)
+        return logits
 
     # -- the Drafter protocol --------------------------------------------------------------------
     def begin(self, history: Sequence[int]) -> None:
@@ -246,15 +257,14 @@ class MTPDrafter:
         if n <= 0 or self._lost or n_past != self.target.n_past:
             return proposal
         self._cut(n_past)
-        self._flush()
-        if self.mtp.n_past != n_past:
+        if self.mtp.n_past + len(self._pending) != n_past:
             return proposal
-        h = self._hidden(n_past - 1)
-        token, pos = history[-1], n_past
+        pos = n_past
         seen = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n > 0 else []
         try:
+            # catch up and the first step in one batch: (last, h_{n-1}) at position n
+            row = self._flush(last=history[-1])
             for i in range(n):
-                row = self.mtp.decode([token], h[None, :], pos, logits=True)
                 assert row is not None
                 if sampling.greedy:
                     token, dist = greedy_token(row, seen, sampling), None
@@ -266,8 +276,9 @@ class MTPDrafter:
                 seen.append(token)
                 if i == n - 1 or self.target.model.is_eog(token):
                     break
-                h = self.mtp.last_hidden()
+                h = self.mtp.last_hidden()  # (d_i, h'_{n+i-1}) at position n + i -> d_{i+1}
                 pos += 1
+                row = self.mtp.decode([token], h[None, :], pos, logits=True)
         finally:
             self.mtp.truncate(n_past)  # the draft positions are the target's to fill
         proposal.seconds = time.perf_counter() - started
