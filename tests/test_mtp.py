@@ -16,7 +16,7 @@ from beechat.config import Sampling
 from beechat.engine.chat import EngineError
 from beechat.engine.gguf_meta import read_metadata
 from beechat.engine.kv import KVLayout
-from beechat.engine.llama import Context, LlamaError, Model
+from beechat.engine.llama import Context, LlamaError, Model, kv_size_from_log
 from beechat.engine.mtp import MTPContext, MTPDrafter
 from beechat.engine.sampling import distribution
 from beechat.engine.speculative import Generator
@@ -290,6 +290,11 @@ def test_mtp_context_memory_is_in_the_kv_telemetry(mtp_models: dict[str, Path]) 
         want = (target.capacity_bytes(n_ctx, "f16", "f16", n_rs_seq, n_ubatch=e.context.n_ubatch)
                 + head.capacity_bytes(n_ctx, "f16", "f16", 0, n_ubatch=e.context.n_ubatch))
         assert e.kv.capacity() == want
+        # the head's share matches llama.cpp's own "llama_kv_cache: size = ... MiB" for its context
+        assert isinstance(e.drafter, MTPDrafter)
+        logged = kv_size_from_log(e.drafter.mtp.log_lines())["llama_kv_cache"] * (1 << 20)
+        head_bytes = head.capacity_bytes(n_ctx, "f16", "f16", 0, n_ubatch=e.context.n_ubatch)
+        assert abs(logged - head_bytes) <= 0.01 * head_bytes
         done = chat(e, ["hello"], max_tokens=16)[0]
         assert done.stats.kv_bytes is not None and done.stats.kv_bytes > target.used_bytes(
             e.context.n_past, "f16", "f16", n_rs_seq=n_rs_seq)
