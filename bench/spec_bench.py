@@ -31,7 +31,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from beechat.config import Sampling
+from beechat.engine import profile
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
+from beechat.engine.events import DecodeClock
 from beechat.engine.llama import Context, Model, supports_gpu_offload
 from beechat.engine.mtp import MTPDrafter
 from beechat.engine.speculative import Generator
@@ -42,27 +44,26 @@ PROMPT = ("Write a detailed explanation of how speculative decoding works in lar
 
 
 def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None) -> dict[str, Any]:
+    """One greedy reply; decode rate on the engine's clock (DecodeClock: all tokens over all the
+    time since the prompt was in the cache, the first pass included)."""
     gen.context.clear()
     gen.prefill(prompt)
     out: list[int] = []
     drafted = accepted = passes = 0
     ks: list[int] = []
-    first = last = 0.0
-    started = time.perf_counter()
-    for step in gen.steps(prompt, GREEDY, tokens, threading.Event(), np.random.default_rng(0), fixed_k):
-        now = time.perf_counter()
-        if not out:
-            first = now
-        last = now
-        out += step.tokens
-        drafted += step.drafted
-        accepted += step.n_from_draft
-        passes += 1
-        ks.append(step.drafted)
-    decode_tps = (len(out) - 1) / (last - first) if last > first else None
-    return {"tokens": out, "n": len(out), "decode_tps": decode_tps, "drafted": drafted, "accepted": accepted,
+    clock = DecodeClock()
+    clock.decode_started()
+    with profile.profiling() as prof:
+        for step in gen.steps(prompt, GREEDY, tokens, threading.Event(), np.random.default_rng(0), fixed_k):
+            clock.tokens_emitted(len(step.tokens))
+            out += step.tokens
+            drafted += step.drafted
+            accepted += step.n_from_draft
+            passes += 1
+            ks.append(step.drafted)
+    return {"tokens": out, "n": len(out), "decode_tps": clock.decode_tps, "drafted": drafted, "accepted": accepted,
             "passes": passes, "acceptance": accepted / drafted if drafted else None,
-            "mean_k": statistics.mean(ks) if ks else 0, "seconds": time.perf_counter() - started}
+            "mean_k": statistics.mean(ks) if ks else 0, "profile_ms": prof.per_pass_ms()}
 
 
 def top2_gaps(target: Model, ctx: Context, prompt: list[int], tokens: list[int]) -> list[float]:
@@ -100,23 +101,25 @@ def main() -> None:
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--n-rs-seq", type=int, default=-1, help="recurrent snapshots (default: the longest draft "
-                    "for a hybrid target)")
+    ap.add_argument("--rs-seq", type=int, default=None,
+                    help="recurrent-state snapshots of a hybrid target (default: the largest draft length; "
+                         "0 = save/restore the state on the host instead)")
+    ap.add_argument("--profile", action="store_true", help="print where each pass's time goes")
     ap.add_argument("--json-out")
     args = ap.parse_args()
 
     print(f"gpu offload: {supports_gpu_offload()}", flush=True)
     t0 = time.perf_counter()
-    ks = [int(k) for k in args.ks.split(",") if k]
-    draft_maxes = [int(k) for k in args.draft_max.split(",") if k]
     wants_mtp = any(d.partition("=")[2] == "mtp" for d in args.draft)
     target = Model(Path(args.target), n_gpu_layers=args.n_gpu_layers, load_mtp=wants_mtp)
-    n_rs_seq = args.n_rs_seq
-    if n_rs_seq < 0:
-        n_rs_seq = max([*ks, *draft_maxes]) if (target.is_hybrid or target.is_recurrent) else 0
-    ctx = Context(target, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads, n_rs_seq=n_rs_seq)
+    ks = [int(k) for k in args.ks.split(",") if k]
+    draft_maxes = [int(k) for k in args.draft_max.split(",") if k]
+    hybrid = target.is_recurrent or target.is_hybrid
+    rs_seq = (args.rs_seq if args.rs_seq is not None else max(ks + draft_maxes)) if hybrid else 0
+    ctx = Context(target, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads, n_rs_seq=rs_seq)
     print(f"target loaded in {time.perf_counter() - t0:.1f}s: {target.description()}"
-          f"{f', MTP layers {target.n_layer_nextn}' if target.n_layer_nextn else ''}, n_rs_seq {n_rs_seq}", flush=True)
+          f"{f', hybrid, n_rs_seq {ctx.n_rs_seq}' if hybrid else ''}"
+          f"{f', MTP layers {target.n_layer_nextn}' if target.n_layer_nextn else ''}", flush=True)
     prompt = target.tokenize(PROMPT)
     report: dict[str, Any] = {"target": args.target, "tokens": args.tokens, "repeat": args.repeat, "drafts": {}}
 
@@ -129,8 +132,8 @@ def main() -> None:
             drafter = MTPDrafter(ctx, flash_attn=True, n_threads=args.threads)
         else:
             d_model = Model(Path(path), n_gpu_layers=args.n_gpu_layers)
-            drafter = DraftModelDrafter(d_model, Context(d_model, n_ctx=args.n_ctx, flash_attn=True,
-                                                         n_threads=args.threads))
+            drafter = DraftModelDrafter(d_model, DraftModelDrafter.context_for(
+                d_model, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads))
         modes: list[tuple[str, int | None, int]] = [("plain", 0, 0)]
         modes += [(f"k={k}", k, k) for k in ks]
         modes += [(f"adaptive(max {m})", None, m) for m in draft_maxes]
@@ -164,6 +167,8 @@ def main() -> None:
                 "same_tokens": all(r["tokens"] == reference for r in rs),
                 "divergence": divergence(rs, reference, gaps),
                 "runs_tps": [r["decode_tps"] for r in rs],
+                "profile_ms": rs[-1]["profile_ms"],
+                "tokens_per_pass": statistics.mean(r["n"] / max(r["passes"], 1) for r in rs),
             })
         report["drafts"][name] = {"path": path, "rows": rows}
         print(f"\n== draft {name} ({path}) ==", flush=True)
@@ -174,6 +179,13 @@ def main() -> None:
             div = "; ".join(f"at {d['index']} (gap {d['plain_top2_gap']:.4f})" for d in r["divergence"])
             print(f"{r['mode']:<18} {r['decode_tps']:8.1f} {r['speedup']:7.2f}x {acc:>7} {mal:>8} "
                   f"{r['mean_k']:7.2f} {'yes' if r['same_tokens'] else 'NO':>5} {div}", flush=True)
+        if args.profile:
+            print("per pass, ms (last run of each mode):", flush=True)
+            for r in rows:
+                parts = "  ".join(f"{k}={v:.3f}" for k, v in r["profile_ms"].items())
+                total = sum(r["profile_ms"].values())
+                print(f"  {r['mode']:<18} {total:7.3f} ms/pass, {r['tokens_per_pass']:.2f} tok/pass: {parts}",
+                      flush=True)
         if path != "ngram":
             drafter.close()
         ctx.observers.clear()

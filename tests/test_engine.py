@@ -166,7 +166,7 @@ def make_generator(target: Path, draft: Path | None, *, ngram: bool = False, n_c
     drafter = None
     if draft is not None:
         d_model = Model(draft)
-        drafter = DraftModelDrafter(d_model, Context(d_model, n_ctx=n_ctx, n_threads=THREADS))
+        drafter = DraftModelDrafter(d_model, DraftModelDrafter.context_for(d_model, n_ctx=n_ctx, n_threads=THREADS))
     elif ngram:
         drafter = NgramDrafter()
     return Generator(t_model, t_ctx, drafter, draft_max=draft_max)
@@ -319,3 +319,32 @@ def test_hybrid_multi_turn_reuses_prefix_through_checkpoints(tiny_models: dict[s
         assert [d.text for d in again] == [first.text, second.text]
     finally:
         e.close()
+
+
+def test_hybrid_draft_drafting_for_itself_is_always_accepted(tiny_models: dict[str, Path]) -> None:
+    """A recurrent draft drafts on a forked branch sequence: if the fork did not carry the exact
+    recurrent state of the confirmed text, its drafts would stop matching the same model's choices."""
+    gen = make_generator(tiny_models["hybrid"], tiny_models["hybrid"], n_rs_seq=6, draft_max=6)
+    assert isinstance(gen.drafter, DraftModelDrafter) and gen.drafter.context.n_seq_max == 2
+    plain = make_generator(tiny_models["hybrid"], None)
+    prompt = prompt_tokens(plain)
+    want, _, _ = run_tokens(plain, prompt, GREEDY, 60)
+    got, drafted, accepted = run_tokens(gen, prompt, GREEDY, 60, fixed_k=6)
+    assert got == want
+    assert drafted >= 40 and accepted == drafted
+
+
+def test_hybrid_draft_recovers_after_rejections(tiny_models: dict[str, Path]) -> None:
+    """After rejected drafts the branch is dropped and the accepted text decoded onto the confirmed
+    sequence: a second turn on the same drafter must still match plain decoding."""
+    plain = make_generator(tiny_models["hybrid"], None)
+    gen = make_generator(tiny_models["hybrid"], tiny_models["hybrid_draft"], n_rs_seq=4, draft_max=4)
+    total_drafted = total_accepted = 0
+    for text in ("Once upon a time", "Once upon a time, in a land far away there lived", "Once upon a"):
+        prompt = plain.target.tokenize(text)
+        plain.context.clear()
+        want, _, _ = run_tokens(plain, prompt, GREEDY, 30)
+        got, drafted, accepted = run_tokens(gen, prompt, GREEDY, 30, fixed_k=4)
+        assert got == want
+        total_drafted, total_accepted = total_drafted + drafted, total_accepted + accepted
+    assert 0 < total_accepted < total_drafted

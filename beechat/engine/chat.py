@@ -138,9 +138,9 @@ class ChatEngine:
                 if problem:
                     raise EngineError(f"draft {settings.draft.name} cannot draft for {settings.target.name}: "
                                       f"vocabularies differ: {problem}")
-                self.draft_context = Context(self.draft_model, n_ctx=self.context.n_ctx, n_batch=settings.n_batch,
-                                             type_k=type_k, type_v=type_v, flash_attn=flash,
-                                             n_threads=settings.n_threads)
+                self.draft_context = DraftModelDrafter.context_for(
+                    self.draft_model, n_ctx=self.context.n_ctx, n_batch=settings.n_batch, type_k=type_k,
+                    type_v=type_v, flash_attn=flash, n_threads=settings.n_threads)
                 drafter = DraftModelDrafter(self.draft_model, self.draft_context)
             elif settings.speculation == "ngram":
                 drafter = NgramDrafter()
@@ -295,6 +295,7 @@ class ChatEngine:
             if cancel.is_set():
                 yield Done(text="", stats=self._final(stats, clock), finish_reason="cancelled")
                 return
+            clock.decode_started()
             speculating = self.drafter is not None
             if speculating:
                 stats.drafted, stats.accepted, stats.passes = 0, 0, 0

@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import llama_cpp  # noqa: F401  # load ggml's libraries before numpy's OpenBLAS (docs/troubleshooting.md)
 import numpy as np
 
 from beechat.config import Sampling
+from beechat.engine import profile
 from beechat.engine.llama import Context, Model, SavedState
 from beechat.engine.sampling import Distribution, distribution, greedy_token
 
@@ -23,7 +24,9 @@ class Proposal:
 
     tokens: list[int] = field(default_factory=list)
     dists: list[Distribution | None] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # all the drafter spent this pass, catching up included
+    overhead_seconds: float = 0.0  # the part that does not grow with the draft length (catch-up, fork)
+    caught_up: int = 0  # confirmed tokens the drafter had to evaluate first
 
 
 class Drafter(Protocol):
@@ -114,21 +117,35 @@ class NgramDrafter:
 
 
 class DraftModelDrafter:
-    """A small model with the target's vocabulary drafts autoregressively in its own context."""
+    """A small model with the target's vocabulary drafts autoregressively in its own context.
+
+    Sequence 0 of the draft's cache holds only confirmed text (the history but its pending
+    token). A recurrent (or hybrid) draft cannot cut its state back over several one-token
+    decodes, so it drafts on a branch: sequence 1, forked from sequence 0 on the device before
+    each draft (llama_memory_seq_cp; the recurrent state is copied on the GPU, nothing goes to
+    the host). Rejected drafts then cost nothing to undo: the next pass decodes the accepted
+    tokens onto sequence 0 in one batch and forks again. A plain transformer draft drafts on
+    sequence 0 and truncates.
+    """
 
     kind = "draft"
 
     def __init__(self, model: Model, context: Context) -> None:
         self.model = model
         self.context = context
-        # Recurrent drafts cannot cut their state back across several one-token decodes, so the
-        # state at the start of each draft is saved and restored when drafts are rejected.
-        # The first one of each reply is also kept for the next turn, so that turn reuses the prompt.
-        self._needs_checkpoint = model.is_recurrent or model.is_hybrid
-        self._checkpoint: SavedState | None = None
+        self._branching = model.is_recurrent or model.is_hybrid
+        if self._branching and context.n_seq_max < 2:
+            raise ValueError("a recurrent draft needs a context with a branch sequence "
+                             "(DraftModelDrafter.context_for)")
+        # the state after each turn's prompt, kept so the next turn reuses the prompt's prefix
         self._turn_checkpoint: SavedState | None = None
         self._new_turn = True
         self._stable = 0  # history[:_stable] is known to equal the cache's first tokens
+
+    @staticmethod
+    def context_for(model: Model, **kwargs: Any) -> Context:
+        """The context a draft model drafts in (recurrent drafts get their branch sequence)."""
+        return Context(model, branch=model.is_recurrent or model.is_hybrid, **kwargs)
 
     def begin(self, history: Sequence[int]) -> None:
         self._stable = 0
@@ -137,15 +154,20 @@ class DraftModelDrafter:
     def observe(self, target: Context, tokens: Sequence[int], pos0: int) -> None:
         pass  # it evaluates the history itself, in its own context (sync)
 
-    def sync(self, history: Sequence[int]) -> None:
-        """Bring the draft cache to hold history[:-1] (everything but the pending token)."""
+    def sync(self, history: Sequence[int]) -> int:
+        """Bring sequence 0 to hold history[:-1] (everything but the pending token); returns the
+        tokens decoded to get there."""
         ctx = self.context
         want = len(history) - 1
         keep = min(common_prefix(ctx.tokens, history, self._stable), want)
-        ctx.rewind(keep, self._checkpoint, self._turn_checkpoint)
-        if ctx.n_past < want:
+        ctx.rewind(keep, self._turn_checkpoint)
+        caught_up = want - ctx.n_past
+        if caught_up > 0:
             ctx.decode(history[ctx.n_past:want])
         self._stable = want
+        if self._branching and self._new_turn and want > 0:
+            self._turn_checkpoint, self._new_turn = ctx.save_partial_state(), False
+        return max(caught_up, 0)
 
     def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
         ctx = self.context
@@ -153,13 +175,20 @@ class DraftModelDrafter:
         n = min(n, ctx.n_ctx - len(history) - 1)
         if n <= 0:
             return proposal
-        self.sync(history)  # catching up is not drafting: it is left out of the timed cost
-        started = time.perf_counter()
-        if self._needs_checkpoint:
-            self._checkpoint = ctx.save_partial_state()
-            if self._new_turn:
-                self._turn_checkpoint, self._new_turn = self._checkpoint, False
-        logits = ctx.decode([history[-1]])
+        started = t = profile.mark()
+        if self._branching:
+            ctx.drop_branch()  # its cells would crowd sequence 0 near the end of the context
+        proposal.caught_up = self.sync(history)
+        t = profile.add("draft.sync", t)
+        if self._branching:
+            ctx.fork()
+            decode = ctx.decode_branch
+            t = profile.add("draft.fork", t)
+        else:
+            decode = ctx.decode
+        proposal.overhead_seconds = t - started
+        logits = decode([history[-1]])
+        t = profile.add("draft.decode", t)
         drafted_history = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n > 0 else []
         for i in range(n):
             row = logits[0]
@@ -172,9 +201,11 @@ class DraftModelDrafter:
             proposal.tokens.append(token)
             proposal.dists.append(dist)
             drafted_history.append(token)
+            t = profile.add("draft.sample", t)
             if self.model.is_eog(token) or i == n - 1:
                 break
-            logits = ctx.decode([token])
+            logits = decode([token])
+            t = profile.add("draft.decode", t)
         proposal.seconds = time.perf_counter() - started
         return proposal
 

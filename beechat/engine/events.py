@@ -135,6 +135,7 @@ class DecodeClock:
     """Measures prefill and decode rates exactly as the stats definitions say."""
 
     started: float = field(default_factory=time.perf_counter)
+    decode_started_at: float | None = None  # set when the backend knows when decoding began
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens: int = 0
@@ -148,10 +149,19 @@ class DecodeClock:
         self.tokens += n
         self.last_token_at = now
 
+    def decode_started(self) -> None:
+        """Decoding begins now (the prompt is in the cache): the rate then counts every emitted
+        token over all the time since, the first pass included."""
+        self.decode_started_at = time.perf_counter()
+
     @property
     def decode_tps(self) -> float | None:
         if self.first_token_at is None or self.last_token_at is None:
             return None
+        if self.decode_started_at is not None:  # all tokens over all decode time
+            span = self.last_token_at - self.decode_started_at
+            return self.tokens / span if span > 0 and self.tokens > 0 else None
+        # a server's stream: its first token's time includes the prompt, so it starts the clock
         span = self.last_token_at - self.first_token_at
         # tokens emitted with the first one (a first speculative pass) took no time in the span
         after_first = self.tokens - self.first_emission

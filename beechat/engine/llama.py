@@ -243,7 +243,8 @@ class Context:
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = 512, n_ubatch: int | None = None,
                  type_k: int = lc.GGML_TYPE_F16, type_v: int = lc.GGML_TYPE_F16,
-                 flash_attn: bool | None = None, n_rs_seq: int = 0, n_threads: int | None = None) -> None:
+                 flash_attn: bool | None = None, n_rs_seq: int = 0, n_threads: int | None = None,
+                 branch: bool = False) -> None:
         log = llama_log()
         self.model = model
         params = lc.llama_context_default_params()
@@ -253,7 +254,9 @@ class Context:
         # n_ubatch > 1 + n_rs_seq (llama-batch.cpp), so leave room for that.
         params.n_ubatch = max(n_ubatch or n_batch, n_rs_seq + 2 if n_rs_seq else 1)
         params.n_batch = max(n_batch, params.n_ubatch)
-        params.n_seq_max = 1
+        # `branch`: a second sequence for scratch work (fork / decode(seq=1)), sharing one KV buffer
+        params.n_seq_max = 2 if branch else 1
+        params.kv_unified = True
         params.n_rs_seq = n_rs_seq
         threads = n_threads or default_threads()
         params.n_threads = threads
@@ -273,7 +276,11 @@ class Context:
         self.n_ctx = int(lc.llama_n_ctx(ptr))
         self.n_batch = int(lc.llama_n_batch(ptr))
         self.n_ubatch = int(lc.llama_n_ubatch(ptr))
-        self.n_rs_seq = n_rs_seq
+        # what llama.cpp kept: it clamps n_rs_seq to 0 for architectures that cannot roll back
+        self.n_rs_seq = int(lc.llama_n_rs_seq(ptr))
+        self.n_seq_max = params.n_seq_max
+        self.branch_n_past = 0  # tokens sequence 1 holds (fork copies sequence 0's)
+        self._batch_seq = 0
         self.memory = lc.llama_get_memory(ptr)
         self.n_vocab = model.n_vocab
         self.tokens: list[int] = []
@@ -322,6 +329,55 @@ class Context:
         """llama.cpp log lines printed while this context was created (e.g. its KV size)."""
         return llama_log().since(self.log_mark)
 
+    def fork(self) -> None:
+        """Make sequence 1 a copy of sequence 0, on the device: the attention cells are shared and
+        the recurrent state is copied when sequence 1 first decodes. Nothing goes to the host."""
+        if self.n_seq_max < 2:
+            raise LlamaError("this context was created without a branch sequence")
+        lc.llama_memory_seq_rm(self.memory, 1, -1, -1)
+        lc.llama_memory_seq_cp(self.memory, 0, 1, -1, -1)
+        self.branch_n_past = self.n_past
+
+    def drop_branch(self) -> None:
+        """Free what sequence 1 holds beyond sequence 0's cells."""
+        if self.branch_n_past:
+            lc.llama_memory_seq_rm(self.memory, 1, -1, -1)
+            self.branch_n_past = 0
+
+    def decode_branch(self, tokens: Sequence[int]) -> Logits:
+        """Evaluate `tokens` on sequence 1 (after fork); returns the last token's logits row."""
+        n = len(tokens)
+        if not self.ptr:
+            raise LlamaError("the model was unloaded")
+        if n == 0 or n > self.n_batch:
+            raise ValueError(f"decode_branch needs 1..{self.n_batch} tokens, got {n}")
+        if self.branch_n_past + n > self.n_ctx:
+            raise LlamaError(f"context full: {self.branch_n_past} + {n} tokens > n_ctx {self.n_ctx}")
+        self._set_batch_seq(1, n)
+        pos0 = self.branch_n_past
+        self._batch.n_tokens = n
+        self._batch_tokens[:n] = tokens
+        self._batch_pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        self._batch_logits[:n] = 0
+        self._batch_logits[n - 1] = 1
+        rc = lc.llama_decode(self.ptr, self._batch)
+        if rc != 0:
+            raise LlamaError(f"llama_decode failed (code {rc}) at position {pos0} of the draft branch")
+        self.branch_n_past += n
+        out: Logits = np.ctypeslib.as_array(lc.llama_get_logits(self.ptr), shape=(1, self.n_vocab))
+        return out
+
+    def _set_batch_seq(self, seq: int, n: int = 0) -> None:
+        """Batch entries [:n] belong to `seq` (1), or all to sequence 0 (seq 0)."""
+        if seq:
+            for i in range(n):
+                self._batch.seq_id[i][0] = seq
+            self._batch_seq = max(self._batch_seq, n)  # entries [:_batch_seq] may not be 0
+        elif self._batch_seq:
+            for i in range(self._batch_seq):
+                self._batch.seq_id[i][0] = 0
+            self._batch_seq = 0
+
     def decode(self, tokens: Sequence[int], *, all_logits: bool = False) -> Logits:
         """Evaluate `tokens` after what the cache holds; return logits rows.
 
@@ -334,6 +390,7 @@ class Context:
             raise ValueError("decode needs at least one token")
         if not self.ptr:
             raise LlamaError("the model was unloaded")
+        self._set_batch_seq(0)
         if self.n_past + n > self.n_ctx:
             raise LlamaError(f"context full: {self.n_past} + {n} tokens > n_ctx {self.n_ctx}")
         if all_logits and n > self.n_batch:
@@ -427,6 +484,7 @@ class Context:
         lc.llama_memory_clear(self.memory, True)
         self._shrunk_to(0)
         self.last_decode_size = 0
+        self.branch_n_past = 0
 
     # -- recurrent-state save/restore (the fallback when snapshots cannot reach) -----------------
     def save_partial_state(self) -> SavedState:

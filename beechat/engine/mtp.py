@@ -30,6 +30,7 @@ import numpy as np
 from llama_cpp import llama_cpp_ext
 
 from beechat.config import Sampling
+from beechat.engine import profile
 from beechat.engine.drafters import Proposal
 from beechat.engine.gguf_meta import GGUFError, read_metadata
 from beechat.engine.llama import Context, LlamaError, Logits, Model, default_threads, llama_log
@@ -261,9 +262,11 @@ class MTPDrafter:
             return proposal
         pos = n_past
         seen = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n > 0 else []
+        t = profile.mark()
         try:
             # catch up and the first step in one batch: (last, h_{n-1}) at position n
             row = self._flush(last=history[-1])
+            t = profile.add("draft.mtp_catchup", t)
             for i in range(n):
                 assert row is not None
                 if sampling.greedy:
@@ -274,13 +277,16 @@ class MTPDrafter:
                 proposal.tokens.append(token)
                 proposal.dists.append(dist)
                 seen.append(token)
+                t = profile.add("draft.sample", t)
                 if i == n - 1 or self.target.model.is_eog(token):
                     break
                 h = self.mtp.last_hidden()  # (d_i, h'_{n+i-1}) at position n + i -> d_{i+1}
                 pos += 1
                 row = self.mtp.decode([token], h[None, :], pos, logits=True)
+                t = profile.add("draft.decode", t)
         finally:
             self.mtp.truncate(n_past)  # the draft positions are the target's to fill
+            profile.add("draft.mtp_cut", t)
         proposal.seconds = time.perf_counter() - started
         return proposal
 

@@ -22,6 +22,7 @@ import llama_cpp  # noqa: F401  # load ggml's libraries before numpy's OpenBLAS 
 import numpy as np
 
 from beechat.config import Sampling
+from beechat.engine import profile
 from beechat.engine.drafters import Drafter, common_prefix
 from beechat.engine.llama import Context, LlamaError, Model, SavedState
 from beechat.engine.sampling import Distribution, distribution, greedy_token, verify_draft
@@ -196,6 +197,7 @@ class Generator:
         if self.drafter is not None:
             self.drafter.begin(history)
         while emitted < max_tokens and not cancel.is_set():
+            pass_started = time.perf_counter()
             room = ctx.n_ctx - ctx.n_past - 1  # positions left after `last`
             if room < 0:
                 self.finish_reason = "context"
@@ -222,6 +224,10 @@ class Generator:
                 step.n_from_draft = min(step.n_from_draft, len(step.tokens))
             history.extend(step.tokens)
             emitted += len(step.tokens)
+            if profile.ACTIVE is not None:
+                profile.ACTIVE.passes += 1
+                profile.ACTIVE.tokens += len(step.tokens)
+                profile.ACTIVE.wall += time.perf_counter() - pass_started
             yield step
             if step.stop:
                 self.finish_reason = "stop"
@@ -238,7 +244,9 @@ class Generator:
         saved = None
         if drafts and self._recurrent and len(drafts) > ctx.n_rs_seq:
             saved = ctx.save_partial_state()  # snapshots cannot reach back this far
+            started = profile.add("verify.save_state", started)
         logits = ctx.decode([history[-1], *drafts], all_logits=True)
+        t = profile.add("verify.decode", started)
         out: list[int] = []
         accepted = 0
         greedy = sampling.greedy
@@ -266,6 +274,7 @@ class Generator:
             if not ok:
                 break
             accepted += 1
+        t = profile.add("verify.accept", t)
         # keep [last, accepted drafts] in the cache; the final token of `out` is the new pending one
         n_keep = n_before + 1 + accepted
         if ctx.n_past > n_keep and not ctx.truncate(n_keep):
@@ -274,6 +283,9 @@ class Generator:
                                  f"({ctx.n_past - n_keep} tokens, n_rs_seq={ctx.n_rs_seq})")
             ctx.restore_partial_state(saved)
             ctx.decode([history[-1], *drafts[:accepted]])
+            profile.add("verify.restore_redecode", t)
+        else:
+            profile.add("verify.rollback", t)
         verify_seconds = time.perf_counter() - started
         # stop at the first end-of-generation token
         stop = False
