@@ -4,6 +4,7 @@ rollback, prefix reuse across turns, KV telemetry and the errors a user can meet
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -386,3 +387,21 @@ def test_server_commands_with_mtp_are_recognised() -> None:
     vllm = ["vllm", "serve", "Qwen/Qwen3.6-27B", "--speculative-config",
             '{"method": "qwen3_next_mtp", "num_speculative_tokens": 3}']
     assert speculation_from_command(vllm) == ("mtp", None)
+
+
+def test_ask_json_names_the_mtp_draft_and_a_missing_head_is_one_line(mtp_models: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    from tests.test_cli import beechat
+
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'[models.mtp]\ntarget = "{mtp_models["agree"]}"\nspeculation = "mtp"\ndraft_max = 4\n'
+                    'n_ctx = 1024\nn_threads = 1\nmax_tokens = 24\n[models.mtp.sampling]\ntemperature = 0.0\n'
+                    f'[models.none]\ntarget = "{mtp_models["no_mtp"]}"\nspeculation = "mtp"\nn_ctx = 1024\n')
+    result = beechat("--config", str(toml), "ask", "--json", "--no-save", "--model", "mtp", "Say hello")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["draft"] == "mtp" and data["stats"]["drafted"] is not None
+    failed = beechat("--config", str(toml), "ask", "--no-save", "--model", "none", "Say hello")
+    assert failed.returncode != 0 and failed.stdout == ""
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(mtp_models["no_mtp"]) in lines[0] and "MTP" in lines[0]
