@@ -10,7 +10,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=${M:-/tmp/m}; mkdir -p "$M"
-V=.gpu/data/ggml-vocab-qwen35.gguf; S=.gpu/tools/synth_gguf.py
+V=.gpu/data/ggml-vocab-qwen35.gguf
 LCPP=${LCPP:-/opt/lcpp}
 TOKENS=${TOKENS:-256}; KS=${KS:-2,4,8}; DRAFT_MAX=${DRAFT_MAX:-8,16}; REPEAT=${REPEAT:-2}
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=${PYTHONPATH:-}:/tmp/site; fi
@@ -21,16 +21,18 @@ if [ ! -x "$LCPP/build/bin/llama-speculative-simple" ] && [ "${BUILD_LCPP:-1}" =
 fi
 t=$(date +%s)
 # target: 48 DeltaNet + 16 attention layers, 5120 wide, FFN 17408, zero Q4_K layers (a bigram model at
-# the real cost) + an MTP block that predicts what the target will predict next
-[ -f $M/mtp27b.gguf ] || python3 bench/synth_qwen35_mtp.py $M/mtp27b.gguf --vocab $V
+# the real cost) + an MTP block that predicts what the target will predict next; its embedding/head
+# rows are a 1024-wide draft's rows, zero-padded, so the Qwen3.5-0.8B-shaped hybrid draft below
+# (bench/synth_qwen35.py, same head seed) computes the same function: a near-perfect draft model
+[ -f $M/mtp27b.gguf ] || python3 bench/synth_qwen35_mtp.py $M/mtp27b.gguf --vocab $V --draft-width 1024
 # the same target with a random MTP block: a head that disagrees
-[ -f $M/mtp27b-bad.gguf ] || python3 bench/synth_qwen35_mtp.py $M/mtp27b-bad.gguf --vocab $V --mtp-seed 3
-# a 2-layer zero draft model with the same head bytes (synth_gguf.py's recipe, head seed 1): same bigram
-[ -f $M/good.gguf ] || python3 $S $M/good.gguf --vocab $V --n-layer 2 --n-ff 2048 --n-head 8 --n-head-kv 2 --head-dim 128 --layer-seed 7
+[ -f $M/mtp27b-bad.gguf ] || python3 bench/synth_qwen35_mtp.py $M/mtp27b-bad.gguf --vocab $V --draft-width 1024 --mtp-seed 3
+[ -f $M/hdraft.gguf ] || python3 bench/synth_qwen35.py $M/hdraft.gguf --vocab $V --shape draft-0.8b
 echo "models written in $(( $(date +%s) - t ))s"; ls -la $M | tee "$OUT/models.txt"
-cat $M/mtp27b.gguf $M/mtp27b-bad.gguf $M/good.gguf > /dev/null  # read once so loads are not disk-bound
-python3 bench/spec_bench.py --target $M/mtp27b.gguf --draft mtp=mtp --draft good=$M/good.gguf --draft ngram=ngram \
-  --tokens $TOKENS --ks $KS --draft-max $DRAFT_MAX --repeat $REPEAT --json-out "$OUT/mtp_bench.json" 2>&1 | tee "$OUT/mtp_bench.txt"
+cat $M/mtp27b.gguf $M/mtp27b-bad.gguf $M/hdraft.gguf > /dev/null  # read once so loads are not disk-bound
+python3 bench/spec_bench.py --target $M/mtp27b.gguf --draft mtp=mtp --draft draft-0.8b=$M/hdraft.gguf --draft ngram=ngram \
+  --tokens $TOKENS --ks $KS --draft-max $DRAFT_MAX --repeat $REPEAT --profile --json-out "$OUT/mtp_bench.json" \
+  2>&1 | tee "$OUT/mtp_bench.txt"
 python3 bench/spec_bench.py --target $M/mtp27b-bad.gguf --draft mtp-bad=mtp --tokens $TOKENS --ks 4 \
   --draft-max 16 --repeat $REPEAT --json-out "$OUT/mtp_bad_bench.json" 2>&1 | tee "$OUT/mtp_bad_bench.txt"
 # llama.cpp's C++ loop on the same files

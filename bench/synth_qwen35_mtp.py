@@ -14,6 +14,9 @@ head(norm(emb(t))) at the real price. Embedding and head are random Q8_0 (like
   head(norm(emb(x))) - exactly what the target will predict after x (acceptance ~100%);
 - --mtp-seed N: random unit-gain block and eh_proj (Q8_0 blocks from N): a head that disagrees;
 - --no-mtp: no MTP block (a plain target with the same trunk, for llama.cpp's tools or drafts).
+--draft-width 1024 writes embedding/head rows as a 1024-wide draft's rows, zero-padded (the recipe of
+bench/synth_qwen35.py), so its `--shape draft-0.8b` file with the same --head-seed is a near-perfect
+draft model for this target: MTP and a draft model can be timed on one file.
 Writing is fast (repeated zero arrays, ~15 GB at the default shape in well under a minute on NVMe).
 
   python bench/synth_qwen35_mtp.py /tmp/m/mtp27b.gguf --vocab .gpu/data/ggml-vocab-qwen35.gguf
@@ -104,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ssm-conv", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=262144)
     ap.add_argument("--head-seed", type=int, default=1)
+    ap.add_argument("--draft-width", type=int, default=0,
+                    help="embedding/head rows = a draft's rows of this width, zero-padded, as in "
+                         "bench/synth_qwen35.py: its --shape draft-0.8b file (same --head-seed) then drafts "
+                         "~100%% for this target (use 1024)")
     mtp = ap.add_mutually_exclusive_group()
     mtp.add_argument("--mtp-seed", type=int, help="a random (disagreeing) MTP block from this seed")
     mtp.add_argument("--no-mtp", action="store_true", help="no MTP block")
@@ -141,9 +148,16 @@ def main(argv: list[str] | None = None) -> None:
     w.add_ssm_inner_size(d_inner)
     w.add_full_attention_interval(a.full_attention_interval)
 
-    add_q(w, "token_embd.weight", random_q(n_vocab, e, a.head_seed, 0.02), Q8_0)
+    def head(seed: int) -> np.ndarray:
+        width = a.draft_width or e
+        rows = random_q(n_vocab, width, seed, 0.02)
+        if width == e:
+            return rows
+        return np.concatenate([rows, zero_q(n_vocab, e - width, Q8_0)], axis=1)
+
+    add_q(w, "token_embd.weight", head(a.head_seed), Q8_0)
     w.add_tensor("output_norm.weight", ones(e))
-    add_q(w, "output.weight", random_q(n_vocab, e, a.head_seed + 1, 0.02), Q8_0)
+    add_q(w, "output.weight", head(a.head_seed + 1), Q8_0)
     ssm_a = -np.linspace(0.05, 0.5, a.ssm_v_heads, dtype=np.float32)
     for il in range(a.n_layer):
         p = f"blk.{il}."
