@@ -348,3 +348,13 @@ def test_hybrid_draft_recovers_after_rejections(tiny_models: dict[str, Path]) ->
         assert got == want
         total_drafted, total_accepted = total_drafted + drafted, total_accepted + accepted
     assert 0 < total_accepted < total_drafted
+
+
+def test_context_reports_the_snapshots_llama_cpp_kept(tiny_models: dict[str, Path]) -> None:
+    """llama.cpp clamps n_rs_seq to 0 for architectures that cannot roll back (llama here; mamba,
+    jamba, falcon-h1, qwen3next for real): the engine must see the clamped value, so a recurrent
+    target of such an arch takes the save/restore path instead of a rollback that would fail."""
+    dense = Context(Model(tiny_models["bigram_target"]), n_ctx=256, n_threads=THREADS, n_rs_seq=4)
+    hybrid = Context(Model(tiny_models["hybrid"]), n_ctx=256, n_threads=THREADS, n_rs_seq=4)
+    assert dense.n_rs_seq == 0
+    assert hybrid.n_rs_seq == 4

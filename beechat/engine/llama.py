@@ -316,6 +316,18 @@ class Context:
             lc.llama_memory_seq_rm(self.memory, 1, -1, -1)
             self.branch_n_past = 0
 
+    def promote_branch(self, tokens: Sequence[int]) -> None:
+        """Sequence 1 becomes sequence 0: `tokens` are what it decoded after the fork. On the
+        device, no token evaluated again."""
+        if self.branch_n_past != self.n_past + len(tokens):
+            raise LlamaError("the branch does not hold the given tokens")
+        lc.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        lc.llama_memory_seq_cp(self.memory, 1, 0, -1, -1)
+        lc.llama_memory_seq_rm(self.memory, 1, -1, -1)
+        self.tokens.extend(tokens)
+        self.branch_n_past = 0
+        self.last_decode_size = 0  # no snapshot rollback across this
+
     def decode_branch(self, tokens: Sequence[int]) -> Logits:
         """Evaluate `tokens` on sequence 1 (after fork); returns the last token's logits row."""
         n = len(tokens)

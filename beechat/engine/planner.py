@@ -81,7 +81,9 @@ def plan(files: ModelFiles, free_bytes: int, n_rs_seq: int = 0, n_batch: int = 5
             continue
 
         def need(n_ctx: int, type_k: str = type_k, type_v: str = type_v) -> int:
-            return sum(layout.capacity_bytes(n_ctx, type_k, type_v, n_rs_seq if i == 0 else 0)
+            # the target keeps n_rs_seq snapshots; a recurrent draft drafts on a second sequence
+            return sum(layout.capacity_bytes(n_ctx, type_k, type_v, n_rs_seq if i == 0 else 0,
+                                             1 if i == 0 or not layout.recurrent_layers else 2, kv_unified=True)
                        for i, layout in enumerate(layouts))
 
         low, high = 0, limit // CTX_PAD  # largest multiple of 256 whose cache fits the budget
