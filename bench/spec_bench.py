@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beechat.config import Sampling
 from beechat.engine import profile
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
-from beechat.engine.llama import Context, Model, supports_gpu_offload
 from beechat.engine.events import DecodeClock
+from beechat.engine.llama import Context, Model, supports_gpu_offload
 from beechat.engine.speculative import Generator
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
