@@ -270,18 +270,24 @@ class Generator:
         out: list[int] = []
         accepted = 0
         greedy = sampling.greedy
+        # greedy without a penalty: every row's argmax in one call
+        argmaxes = (np.argmax(logits[:len(drafts) + 1], axis=1).tolist()
+                    if greedy and not sampling.penalizes else None)
         # the penalty window for row i: the recent history plus drafts[:i]
         tail = history[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
         for i in range(len(drafts) + 1):
             row = logits[i]
             seen = tail + drafts[:i]
             if i == len(drafts):  # all drafts accepted: a bonus token from the last row
-                bonus = greedy_token(row, seen, sampling) if greedy else distribution(row, seen, sampling).sample(rng)
-                out.append(bonus)
+                if argmaxes is not None:
+                    out.append(argmaxes[i])
+                else:
+                    out.append(greedy_token(row, seen, sampling) if greedy
+                               else distribution(row, seen, sampling).sample(rng))
                 break
             draft = drafts[i]
             if greedy:
-                best = greedy_token(row, seen, sampling)
+                best = argmaxes[i] if argmaxes is not None else greedy_token(row, seen, sampling)
                 if best == draft:
                     out.append(draft)
                     accepted += 1
