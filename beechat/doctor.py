@@ -87,7 +87,7 @@ def _vocab_check(name: str, target: Any, draft: Any) -> dict[str, str]:
 
 
 def _memory_check(profile: Profile) -> dict[str, str]:
-    from beechat.engine.planner import available_memory, plan, profile_files
+    from beechat.engine.planner import available_memory, plan, profile_files, recurrent_states
 
     files = profile_files(profile)
     free, where = available_memory(profile.n_gpu_layers != 0)
@@ -137,7 +137,7 @@ def run_doctor(config: Config, only: str | None = None, as_json: bool = False) -
 
 
 def run_plan(config: Config, only: str | None, as_json: bool = False, memory_gib: float | None = None) -> int:
-    from beechat.engine.planner import available_memory, plan, profile_files
+    from beechat.engine.planner import available_memory, plan, profile_files, recurrent_states
 
     profile = config.profile(only)
     if profile.backend != "embedded":
@@ -152,11 +152,17 @@ def run_plan(config: Config, only: str | None, as_json: bool = False, memory_gib
         free, where = available_memory(profile.n_gpu_layers != 0)
     snapshots = profile.draft_max if profile.speculation != "none" else 0
     rows = plan(files, free, snapshots, profile.n_batch)
+    states = recurrent_states(files, snapshots)
     if as_json:
         print(json.dumps({"profile": profile.name, "free_bytes": free, "memory": where,
-                          "weights_bytes": files.weights_bytes(), "rows": [asdict(r) for r in rows]}, indent=2))
+                          "weights_bytes": files.weights_bytes(), "rows": [asdict(r) for r in rows],
+                          "recurrent_state": [{**asdict(st), "total": st.total} for st in states]}, indent=2))
         return 0
     print(f"{profile.name}: {human_bytes(free)} in {where}; weights {human_bytes(files.weights_bytes())}")
+    for st in states:  # included in "KV at max" below
+        print(f"recurrent state, {st.model}: {st.copies} x {human_bytes(st.bytes_per_copy)} = {human_bytes(st.total)}"
+              + (f" ({snapshots} rollback snapshots)" if st.model == "target" and snapshots else "")
+              + (" (confirmed + draft branch)" if st.model == "draft" else ""))
     print(f"{'K/V cache':<12} {'bytes/token':>12} {'max context':>12} {'KV at max':>10}")
     for r in rows:
         per_token = f"{r.bytes_per_token:,}" if r.bytes_per_token else "unusable"

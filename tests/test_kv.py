@@ -433,6 +433,33 @@ def test_hybrid_qwen35_capacity_matches_llama_log(tiny_qwen35: tuple[GGUFMetadat
     assert cap.total == layout.capacity_bytes(n_ctx, type_k, type_v, n_rs_seq, n_seq_max, kv_unified=True)
 
 
+def test_engine_and_plan_count_the_recurrent_state_llama_cpp_allocates(tiny_qwen35: tuple[GGUFMetadata, Model]) -> None:
+    """A hybrid target with 4 rollback snapshots and a hybrid draft on two sequences: the engine's
+    KV telemetry and `beechat plan`'s recurrent-state rows equal what llama.cpp logs it allocated."""
+    from beechat.engine.chat import ChatEngine, EngineSettings
+    from beechat.engine.planner import ModelFiles, recurrent_states
+
+    meta, _ = tiny_qwen35
+    path = meta.path
+    assert path is not None
+    mark = llama_log().mark()
+    engine = ChatEngine(EngineSettings(target=path, draft=path, speculation="draft", draft_max=4, n_ctx=1024,
+                                       n_threads=1, n_batch=64))
+    try:
+        lines = llama_log().since(mark)
+        logged = [float(m.group(1)) for m in (re.search(r"llama_memory_recurrent: size =\s*([\d.]+) MiB", line)
+                                              for line in lines) if m]
+        states = recurrent_states(ModelFiles(path, path), n_rs_seq=4)
+        assert [(st.model, st.copies) for st in states] == [("target", 5), ("draft", 2)]
+        assert len(logged) == 2
+        for st, mib in zip(states, logged, strict=True):
+            assert abs(st.total / MIB - mib) <= LOG_TOLERANCE_MIB
+        logged_kv = sum(kv_size_from_log(lines).values())
+        assert abs(engine.kv.capacity() / MIB - logged_kv) <= 4 * LOG_TOLERANCE_MIB
+    finally:
+        engine.close()
+
+
 def _line_with(lines: list[str], text: str) -> str:
     return next(line for line in lines if text in line)
 
