@@ -485,7 +485,8 @@ class OpenAIBackend:
             computed = kv_from_gguf(model, n_ctx_slot, n_slots=n_slots, kv_unified=unified, args=args, draft=draft)
             note = "KV bytes worked out from the GGUF headers and the server's flags"
         else:
-            model = local_gguf(props.model_path)
+            # a path on the server's machine: only a loopback server's is a file on this one
+            model = local_gguf(props.model_path) if is_loopback(self.base_url) else None
             if model is None:
                 return log, None
             if (props.total_slots or 1) > 1:  # the slots may share one KV pool or not: the server does not say
