@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from beechat.config import Config, ModelFileError, Profile, check_model_file
+from beechat.config import Config, ModelFileError, Profile, ServerSpec, check_model_file
 from beechat.format import human_bytes
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -22,12 +22,7 @@ def check_profile(profile: Profile) -> list[dict[str, str]]:
     if profile.backend == "openai":
         _check(results, OK, f"{name}: backend", f"openai server at {profile.base_url} (checked when loaded)")
         if profile.server is not None:
-            import shutil
-
-            binary = profile.server.command[0]
-            found = shutil.which(binary) or (binary if "/" in binary else None)
-            _check(results, OK if found else FAIL, f"{name}: server command",
-                   f"{binary} -> {found}" if found else f"command not found: {binary}")
+            results.extend(check_server_command(name, profile.server))
         return results
     from beechat.engine.chat import EngineError, resolve_flash_attn
     from beechat.engine.gguf_meta import GGUFError, read_metadata
@@ -64,6 +59,38 @@ def check_profile(profile: Profile) -> list[dict[str, str]]:
         _check(results, FAIL, f"{name}: cache types", str(exc))
     if paths and len(paths) == (2 if profile.speculation == "draft" else 1):
         results.append(_memory_check(profile))
+    return results
+
+
+def check_server_command(name: str, spec: ServerSpec) -> list[dict[str, str]]:
+    """A managed server's command: the program exists and, where it answers `--help`, every flag
+    of the command is one it lists (one FAIL line per unknown flag)."""
+    from beechat.backends.base import BackendError
+    from beechat.backends.server import command_flags, expand_command, help_flags, help_prefix, read_help
+
+    results: list[dict[str, str]] = []
+    try:
+        argv = expand_command(spec.command, spec.cwd)
+    except BackendError as exc:
+        _check(results, FAIL, f"{name}: server command", str(exc))
+        return results
+    _check(results, OK, f"{name}: server command", f"{spec.command[0]} -> {argv[0]}")
+    prefix = help_prefix(argv)
+    if prefix is None:
+        _check(results, WARN, f"{name}: server flags", "not checked: cannot tell which program reads them")
+        return results
+    shown = " ".join([spec.command[0], *prefix[1:]])
+    text, problem = read_help(prefix, spec.env, spec.cwd)
+    known = help_flags(text) if text is not None else set()
+    if not known:
+        _check(results, WARN, f"{name}: server flags", f"not checked: {problem or f'`{shown} --help` lists no flags'}")
+        return results
+    flags = command_flags(argv[len(prefix):])
+    unknown = [flag for flag in flags if flag not in known]
+    for flag in unknown:
+        _check(results, FAIL, f"{name}: server flag", f"unknown flag {flag} (not in `{shown} --help`)")
+    if not unknown:
+        _check(results, OK, f"{name}: server flags", f"all {len(flags)} flags are listed by `{shown} --help`")
     return results
 
 
