@@ -118,7 +118,9 @@ def test_cancel_stops_within_one_token(plain_demo: ChatEngine) -> None:
 def test_self_draft_matches_plain_greedy_over_several_turns(demo_model: Path, plain_demo: ChatEngine) -> None:
     plain_demo.reset()
     plain = chat(plain_demo, TURNS)
-    spec_engine = engine(demo_model, draft=demo_model, speculation="draft")
+    # draft_min: on a busy CPU the adaptive controller may rightly stop drafting, and acceptance
+    # over a few probes says little; this test is about exactness and the draft's agreement
+    spec_engine = engine(demo_model, draft=demo_model, speculation="draft", draft_min=4)
     try:
         spec = chat(spec_engine, TURNS)
     finally:
