@@ -195,7 +195,7 @@ def test_close_ends_the_engine_process(demo_model: Path) -> None:
     backend.close()  # twice is fine
 
 
-def test_the_engine_process_exits_when_the_app_dies(demo_model: Path, tmp_path: Path) -> None:
+def test_the_app_never_imports_llama_cpp_and_the_engine_exits_when_the_app_dies(demo_model: Path) -> None:
     script = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -203,6 +203,10 @@ def test_the_engine_process_exits_when_the_app_dies(demo_model: Path, tmp_path: 
         "from beechat.config import Profile\n"
         f"b = WorkerBackend(Profile(name='demo', target={str(demo_model)!r}, n_ctx=512, n_threads=1))\n"
         "b.load()\n"
+        "import threading\n"
+        "list(b.stream([{'role': 'user', 'content': 'Hi'}], b.profile.sampling, threading.Event(), 4))\n"
+        "assert b.count_tokens('hello world') == 2\n"
+        "assert 'llama_cpp' not in sys.modules, 'the app process imported llama_cpp'\n"
         "print(b.pid, flush=True)\n"
         "sys.stdin.read()\n"
     )

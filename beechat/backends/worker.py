@@ -87,8 +87,9 @@ class WorkerBackend:
         mode = "wb" if log_path.exists() and log_path.stat().st_size > LOG_MAX_BYTES else "ab"
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
-        source = str(Path(beechat.__file__).resolve().parent.parent)  # the same beechat as this process
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+        source = Path(beechat.__file__).resolve().parent.parent
+        if source.name not in ("site-packages", "dist-packages"):  # a source checkout: the same beechat
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH")) if p)
         with open(log_path, mode) as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} engine process for {self.profile.name}\n"
                       .encode())
