@@ -248,6 +248,20 @@ def test_a_broken_model_file_fails_to_load_in_one_line(demo_model: Path, tmp_pat
     assert not backend.alive
 
 
+def test_a_crash_while_loading_is_one_line(demo_model: Path) -> None:
+    backend = WorkerBackend(demo_profile(demo_model))
+
+    def kill_on_first_progress(fraction: float, what: str) -> None:
+        if backend.pid is not None and not process_gone(backend.pid):
+            os.kill(backend.pid, signal.SIGKILL)
+
+    with pytest.raises(BackendError) as failure:
+        backend.load(kill_on_first_progress)
+    message = str(failure.value)
+    assert "\n" not in message and "died while loading (killed by SIGKILL" in message
+    assert backend.pid is not None and process_gone(backend.pid)
+
+
 def test_a_cancelled_load_ends_the_process(demo_model: Path) -> None:
     backend = WorkerBackend(demo_profile(demo_model))
     backend.cancel_load.set()
