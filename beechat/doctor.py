@@ -114,7 +114,7 @@ def _vocab_check(name: str, target: Any, draft: Any) -> dict[str, str]:
 
 
 def _memory_check(profile: Profile) -> dict[str, str]:
-    from beechat.engine.planner import available_memory, plan, profile_files, recurrent_states
+    from beechat.engine.planner import available_memory, plan, profile_files
 
     files = profile_files(profile)
     free, where = available_memory(profile.n_gpu_layers != 0)
