@@ -58,6 +58,11 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def penalizes(self) -> bool:
+        """Whether the repeat penalty changes any logit."""
+        return self.repeat_penalty != 1.0 and self.repeat_last_n != 0
+
     def with_overrides(self, **overrides: Any) -> Sampling:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 

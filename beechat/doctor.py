@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from beechat.config import Config, ModelFileError, Profile, check_model_file
+from beechat.config import Config, ModelFileError, Profile, ServerSpec, check_model_file
 from beechat.format import human_bytes
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -22,12 +22,7 @@ def check_profile(profile: Profile) -> list[dict[str, str]]:
     if profile.backend == "openai":
         _check(results, OK, f"{name}: backend", f"openai server at {profile.base_url} (checked when loaded)")
         if profile.server is not None:
-            import shutil
-
-            binary = profile.server.command[0]
-            found = shutil.which(binary) or (binary if "/" in binary else None)
-            _check(results, OK if found else FAIL, f"{name}: server command",
-                   f"{binary} -> {found}" if found else f"command not found: {binary}")
+            results.extend(check_server_command(name, profile.server))
         return results
     from beechat.engine.chat import EngineError, resolve_flash_attn
     from beechat.engine.gguf_meta import GGUFError, read_metadata
@@ -71,6 +66,38 @@ def check_profile(profile: Profile) -> list[dict[str, str]]:
         _check(results, FAIL, f"{name}: cache types", str(exc))
     if paths and len(paths) == (2 if profile.speculation == "draft" else 1):
         results.append(_memory_check(profile))
+    return results
+
+
+def check_server_command(name: str, spec: ServerSpec) -> list[dict[str, str]]:
+    """A managed server's command: the program exists and, where it answers `--help`, every flag
+    of the command is one it lists (one FAIL line per unknown flag)."""
+    from beechat.backends.base import BackendError
+    from beechat.backends.server import command_flags, expand_command, help_flags, help_prefix, read_help
+
+    results: list[dict[str, str]] = []
+    try:
+        argv = expand_command(spec.command, spec.cwd)
+    except BackendError as exc:
+        _check(results, FAIL, f"{name}: server command", str(exc))
+        return results
+    _check(results, OK, f"{name}: server command", f"{spec.command[0]} -> {argv[0]}")
+    prefix = help_prefix(argv)
+    if prefix is None:
+        _check(results, WARN, f"{name}: server flags", "not checked: cannot tell which program reads them")
+        return results
+    shown = " ".join([spec.command[0], *prefix[1:]])
+    text, problem = read_help(prefix, spec.env, spec.cwd)
+    known = help_flags(text) if text is not None else set()
+    if not known:
+        _check(results, WARN, f"{name}: server flags", f"not checked: {problem or f'`{shown} --help` lists no flags'}")
+        return results
+    flags = command_flags(argv[len(prefix):])
+    unknown = [flag for flag in flags if flag not in known]
+    for flag in unknown:
+        _check(results, FAIL, f"{name}: server flag", f"unknown flag {flag} (not in `{shown} --help`)")
+    if not unknown:
+        _check(results, OK, f"{name}: server flags", f"all {len(flags)} flags are listed by `{shown} --help`")
     return results
 
 
@@ -144,7 +171,7 @@ def run_doctor(config: Config, only: str | None = None, as_json: bool = False) -
 
 
 def run_plan(config: Config, only: str | None, as_json: bool = False, memory_gib: float | None = None) -> int:
-    from beechat.engine.planner import available_memory, plan, profile_files
+    from beechat.engine.planner import available_memory, plan, profile_files, recurrent_states
 
     profile = config.profile(only)
     if profile.backend != "embedded":
@@ -159,11 +186,17 @@ def run_plan(config: Config, only: str | None, as_json: bool = False, memory_gib
         free, where = available_memory(profile.n_gpu_layers != 0)
     snapshots = profile.draft_max if profile.speculation != "none" else 0
     rows = plan(files, free, snapshots, profile.n_batch)
+    states = recurrent_states(files, snapshots)
     if as_json:
         print(json.dumps({"profile": profile.name, "free_bytes": free, "memory": where,
-                          "weights_bytes": files.weights_bytes(), "rows": [asdict(r) for r in rows]}, indent=2))
+                          "weights_bytes": files.weights_bytes(), "rows": [asdict(r) for r in rows],
+                          "recurrent_state": [{**asdict(st), "total": st.total} for st in states]}, indent=2))
         return 0
     print(f"{profile.name}: {human_bytes(free)} in {where}; weights {human_bytes(files.weights_bytes())}")
+    for st in states:  # included in "KV at max" below
+        print(f"recurrent state, {st.model}: {st.copies} x {human_bytes(st.bytes_per_copy)} = {human_bytes(st.total)}"
+              + (f" ({snapshots} rollback snapshots)" if st.model == "target" and snapshots else "")
+              + (" (confirmed + draft branch)" if st.model == "draft" else ""))
     print(f"{'K/V cache':<12} {'bytes/token':>12} {'max context':>12} {'KV at max':>10}")
     for r in rows:
         per_token = f"{r.bytes_per_token:,}" if r.bytes_per_token else "unusable"

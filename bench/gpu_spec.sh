@@ -29,8 +29,8 @@ PROMPT="Write a detailed explanation of how speculative decoding works in large 
 
 LBIN=""
 if has tools; then
-  if [ -x .gpu/lcpp-bin/llama-speculative-simple ]; then
-    LBIN=$PWD/.gpu/lcpp-bin; chmod +x $LBIN/* 2>/dev/null
+  if [ -x .gpu/lcpp-bin/llama-speculative-simple ]; then  # built by an earlier run (KEEP_TOOLS) from the same source
+    LBIN=$PWD/.gpu/lcpp-bin; chmod +x $LBIN/* 2>/dev/null; export LD_LIBRARY_PATH=$LBIN:${LD_LIBRARY_PATH:-}
   else
     nice -n 19 bash .gpu/device/build-tools.sh /opt/lcpp > $RES/build-tools.txt 2>&1 &
     BUILD_PID=$!
@@ -47,8 +47,8 @@ cpp_spec() {  # NAME TARGET DRAFT N_MAX...
   for n in "$@"; do
     echo "-- llama-speculative-simple $name n_max=$n"
     $LBIN/llama-speculative-simple -m $t -md $d -ngl 99 -ngld 99 -c 4096 -fa on -n $TOKENS --temp 0 \
-      --spec-draft-n-max $n --spec-draft-n-min 0 --spec-draft-p-min 0 -p "$PROMPT" 2>&1 \
-      | grep -E "decoded|n_drafted|n_accept|accept " | tee -a $RES/cpp_spec_$name.txt
+      --spec-draft-n-max $n --spec-draft-p-min 0 -p "$PROMPT" > $RES/cpp_spec_${name}_$n.log 2>&1
+    grep -E "decoded|n_drafted|n_accept|accept " $RES/cpp_spec_${name}_$n.log || tail -5 $RES/cpp_spec_${name}_$n.log
   done
 }
 
@@ -67,9 +67,13 @@ if has cost; then
   pack
 fi
 if has hybrid; then
-  python3 bench/spec_bench.py --target $M/hybrid.gguf --draft good=$M/hdraft.gguf --draft useless=$M/huseless.gguf \
-    --draft ngram=ngram --tokens $TOKENS --ks ${KS:-4,8,16} --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
+  python3 bench/spec_bench.py --target $M/hybrid.gguf --draft good=$M/hdraft.gguf --draft ngram=ngram \
+    --tokens $TOKENS --ks ${KS:-4,8,16} --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
     --profile --json-out $RES/spec_bench_hybrid.json 2>&1 | tee $RES/spec_bench_hybrid.txt
+  # a useless draft: fixed lengths only show how much a controller must save, one is enough
+  python3 bench/spec_bench.py --target $M/hybrid.gguf --draft useless=$M/huseless.gguf \
+    --tokens $TOKENS --ks 4 --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
+    --profile --json-out $RES/spec_bench_hybrid_useless.json 2>&1 | tee $RES/spec_bench_hybrid_useless.txt
   pack
 fi
 if has dense; then
@@ -78,9 +82,12 @@ if has dense; then
   [ -f $M/good.gguf ] || python3 $S $M/good.gguf --vocab $V --n-layer 2 --n-ff 2048 --n-head 8 --n-head-kv 2 --head-dim 128 --layer-seed 7
   [ -f $M/useless.gguf ] || python3 $S $M/useless.gguf --vocab $V --n-layer 2 --n-ff 2048 --n-head 8 --n-head-kv 2 --head-dim 128 --layer-seed 7 --head-seed 5
   cat $M/target.gguf $M/good.gguf $M/useless.gguf > /dev/null
-  python3 bench/spec_bench.py --target $M/target.gguf --draft good=$M/good.gguf --draft useless=$M/useless.gguf \
+  python3 bench/spec_bench.py --target $M/target.gguf --draft good=$M/good.gguf \
     --tokens $TOKENS --ks ${KS:-4,8,16} --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
     --profile --json-out $RES/spec_bench_dense.json 2>&1 | tee $RES/spec_bench_dense.txt
+  python3 bench/spec_bench.py --target $M/target.gguf --draft useless=$M/useless.gguf \
+    --tokens $TOKENS --ks 4 --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
+    --profile --json-out $RES/spec_bench_dense_useless.json 2>&1 | tee $RES/spec_bench_dense_useless.txt
   pack
 fi
 echo "beechat parts done in $(( $(date +%s) - t ))s"

@@ -401,21 +401,25 @@ def tiny_qwen35(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GGUF
     model.close()
 
 
-@pytest.mark.parametrize(("n_ctx", "n_rs_seq"), [(1024, 0), (1000, 4)])
+@pytest.mark.parametrize(("n_ctx", "n_rs_seq", "branch"), [(1024, 0, False), (1000, 4, False), (1024, 0, True)])
 @pytest.mark.parametrize(("type_k", "type_v"), PAIRS)
 def test_hybrid_qwen35_capacity_matches_llama_log(tiny_qwen35: tuple[GGUFMetadata, Model], n_ctx: int,
-                                                  n_rs_seq: int, type_k: str, type_v: str) -> None:
+                                                  n_rs_seq: int, branch: bool, type_k: str, type_v: str) -> None:
+    """Also a recurrent draft's context: a branch sequence doubles the recurrent rows, not the KV."""
     meta, model = tiny_qwen35
     layout = KVLayout.from_metadata(meta)
     assert [layer.index for layer in layout.layers] == [3, 7]
     assert layout.recurrent_layers == (0, 1, 2, 4, 5, 6)
     ctx = Context(model, n_ctx=n_ctx, n_batch=64, type_k=cache_type(type_k).ggml_type,
-                  type_v=cache_type(type_v).ggml_type, flash_attn=True, n_rs_seq=n_rs_seq, n_threads=1)
+                  type_v=cache_type(type_v).ggml_type, flash_attn=True, n_rs_seq=n_rs_seq, n_threads=1,
+                  branch=branch)
+    n_seq_max = ctx.n_seq_max
+    assert n_seq_max == (2 if branch else 1)
     try:
         lines = ctx.log_lines()
     finally:
         ctx.close()
-    cap = layout.capacity(n_ctx, type_k, type_v, n_rs_seq)
+    cap = layout.capacity(n_ctx, type_k, type_v, n_rs_seq, n_seq_max, kv_unified=True)
     sizes = kv_size_from_log(lines)
     assert abs(cap.kv_bytes / MIB - sizes["llama_kv_cache"]) <= LOG_TOLERANCE_MIB
     assert abs(cap.recurrent_bytes / MIB - sizes["llama_memory_recurrent"]) <= LOG_TOLERANCE_MIB
@@ -426,7 +430,34 @@ def test_hybrid_qwen35_capacity_matches_llama_log(tiny_qwen35: tuple[GGUFMetadat
     assert rs_line["who"] == "llama_memory_recurrent"
     assert f" {n_rs_seq} rs_seq)" in _line_with(lines, "llama_memory_recurrent: size")
     assert _close(cap.r_bytes, rs_line["a"]) and _close(cap.s_bytes, rs_line["b"])
-    assert cap.total == layout.capacity_bytes(n_ctx, type_k, type_v, n_rs_seq)
+    assert cap.total == layout.capacity_bytes(n_ctx, type_k, type_v, n_rs_seq, n_seq_max, kv_unified=True)
+
+
+def test_engine_and_plan_count_the_recurrent_state_llama_cpp_allocates(tiny_qwen35: tuple[GGUFMetadata, Model]) -> None:
+    """A hybrid target with 4 rollback snapshots and a hybrid draft on two sequences: the engine's
+    KV telemetry and `beechat plan`'s recurrent-state rows equal what llama.cpp logs it allocated."""
+    from beechat.engine.chat import ChatEngine, EngineSettings
+    from beechat.engine.planner import ModelFiles, recurrent_states
+
+    meta, _ = tiny_qwen35
+    path = meta.path
+    assert path is not None
+    mark = llama_log().mark()
+    engine = ChatEngine(EngineSettings(target=path, draft=path, speculation="draft", draft_max=4, n_ctx=1024,
+                                       n_threads=1, n_batch=64))
+    try:
+        lines = llama_log().since(mark)
+        logged = [float(m.group(1)) for m in (re.search(r"llama_memory_recurrent: size =\s*([\d.]+) MiB", line)
+                                              for line in lines) if m]
+        states = recurrent_states(ModelFiles(path, path), n_rs_seq=4)
+        assert [(st.model, st.copies) for st in states] == [("target", 5), ("draft", 2)]
+        assert len(logged) == 2
+        for st, mib in zip(states, logged, strict=True):
+            assert abs(st.total / MIB - mib) <= LOG_TOLERANCE_MIB
+        logged_kv = sum(kv_size_from_log(lines).values())
+        assert abs(engine.kv.capacity() / MIB - logged_kv) <= 4 * LOG_TOLERANCE_MIB
+    finally:
+        engine.close()
 
 
 def _line_with(lines: list[str], text: str) -> str:

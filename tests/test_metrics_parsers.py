@@ -1,6 +1,8 @@
 """Parsers for what servers report, on payloads recorded in the servers' real formats (tests/data/).
 
-The fixtures follow the vendored llama.cpp server sources (server-common.cpp `server_slot_stats::to_json`,
+Recorded or written by hand, for servers that cannot run in the tests (vLLM, BeeLlama, an
+older llama-server); llama.cpp's current server is tested live in test_llamacpp_server.py. The
+fixtures follow the vendored llama.cpp server sources (server-common.cpp `server_slot_stats::to_json`,
 server-task.cpp `to_json_oaicompat_chat_stream` / `to_metrics`, server-context.cpp `/props`, `/slots`)
 and vLLM's Prometheus exposition (prometheus_client text format).
 """
@@ -31,6 +33,7 @@ from beechat.backends.metrics import (
     parse_usage,
 )
 from beechat.backends.openai import OpenAIBackend
+from beechat.backends.server_kv import LlamaServerArgs, kv_from_gguf, llama_server_args
 from beechat.config import Profile, Sampling
 from beechat.engine.events import Chunk, Done, StatsUpdate
 
@@ -192,6 +195,49 @@ def test_kv_line_from_llama_cpp_python_and_unknowns() -> None:
     bare = ServerLogInfo(kv_caches=(KvCacheLine(100 * MIB),))
     assert bare.kv_bytes_used(10, None) is None
     assert bare.kv_bytes_used(10, 100) == 10 * MIB
+
+
+def test_fit_dry_runs_are_not_counted() -> None:
+    # recorded from xllamacpp's llama.cpp server at verbosity 5 (SmolLM2 drafting for itself): `--fit`
+    # builds the target context twice without allocating (KV buffers of 0.00 MiB) before the real load
+    text = read("llama_server_fit_verbose.log")
+    assert text.count("llama_kv_cache: size =") == 4
+    info = parse_server_log(text)
+    assert info.kv_caches == (KvCacheLine(45 * MIB, 2048, "f16", "f16"),) * 2  # target + draft
+    assert (info.n_slots, info.n_ctx_slot, info.kv_unified) == (1, 2048, False)
+    assert info.kv_bytes_capacity == 90 * MIB
+    unified = parse_server_log("srv load_model: initializing, n_slots = 4, n_ctx_slot = 8192, kv_unified = 'true'")
+    assert (unified.n_slots, unified.n_ctx_slot, unified.kv_unified, unified.kv_caches) == (4, 8192, True, ())
+
+
+def test_llama_server_flags_for_kv() -> None:
+    args = llama_server_args(["llama-server", "--model=/m/t.gguf", "-md", "d.gguf", "-c", "65536", "-np", "2",
+                              "-kvu", "-ctk", "q8_0", "--cache-type-v", "q4_0", "-ctkd", "q8_0", "-fa", "off",
+                              "--swa-full", "-ub", "256"])
+    assert (args.model, args.draft, args.n_ctx, args.n_parallel, args.kv_unified) == ("/m/t.gguf", "d.gguf", 65536,
+                                                                                      2, True)
+    assert (args.type_k, args.type_v, args.draft_type_k, args.draft_type_v) == ("q8_0", "q4_0", "q8_0", "f16")
+    assert (args.flash_attn, args.swa_full, args.n_ubatch) == (False, True, 256)
+    assert llama_server_args(["llama-server"]) == LlamaServerArgs()
+    assert llama_server_args(["llama-server", "-c", "4096", "-c", "lots"]).n_ctx is None  # the server would refuse
+
+
+def test_kv_from_gguf_slots_and_unknown_types(demo_model: Path) -> None:
+    # SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x (K + V) x 2 bytes = 23,040 bytes per cell (f16)
+    one = kv_from_gguf(demo_model, 2048)
+    assert one is not None and one.source == "gguf" and one.kv_bytes_capacity == 2048 * 23040 == 45 * MIB
+    # 4 slots of 1024: separate streams hold 4096 cells; one unified pool holds 1024
+    split = kv_from_gguf(demo_model, 1024, n_slots=4)
+    pooled = kv_from_gguf(demo_model, 1024, n_slots=4, kv_unified=True)
+    assert split is not None and pooled is not None
+    assert (split.kv_bytes_capacity, pooled.kv_bytes_capacity) == (4096 * 23040, 1024 * 23040)
+    assert split.kv_bytes_used(100, 1024) == 100 * 23040
+    q8 = kv_from_gguf(demo_model, 2048, args=LlamaServerArgs(type_k="q8_0", type_v="q8_0"))
+    assert q8 is not None and q8.kv_bytes_capacity == 2048 * 30 * 2 * (192 // 32 * 34)
+    assert (q8.cache_type_k, q8.cache_type_v) == ("q8_0", "q8_0")
+    assert kv_from_gguf(demo_model, 2048, cache_types_known=False).cache_type_k is None  # type: ignore[union-attr]
+    assert kv_from_gguf(demo_model, 2048, args=LlamaServerArgs(type_k="kvarn5", type_v="kvarn4")) is None
+    assert kv_from_gguf(demo_model, 2048, draft=demo_model.with_name("missing.gguf")) is None
 
 
 def test_vllm_kv_from_log_and_usage_fraction() -> None:

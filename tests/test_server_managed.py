@@ -18,14 +18,26 @@ import pytest
 from beechat import locations
 from beechat.backends.base import BackendError
 from beechat.backends.openai import OpenAIBackend
-from beechat.backends.server import ManagedServer, expand_command, root_url, speculation_from_command
-from beechat.config import Profile, Sampling, ServerSpec
+from beechat.backends.server import (
+    ManagedServer,
+    command_flags,
+    expand_command,
+    help_flags,
+    help_prefix,
+    root_url,
+    speculation_from_command,
+)
+from beechat.backends.server_kv import llama_server_args
+from beechat.config import Profile, Sampling, ServerSpec, load_config_file
+from beechat.doctor import FAIL, OK, WARN, check_server_command
 from beechat.engine.events import Done
 from tests.support import demo_model_path, free_port
 
 pytestmark = pytest.mark.slow
 
-FAKE_SERVER = Path(__file__).parent / "data" / "fake_loading_server.py"
+DATA = Path(__file__).parent / "data"
+FAKE_SERVER = DATA / "fake_loading_server.py"
+XLLAMACPP_SERVER = DATA / "xllamacpp_server.py"
 
 
 
@@ -203,7 +215,7 @@ def test_command_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     argv = expand_command([sys.executable, "-m", "~/models/a.gguf", "--model-draft=~/d.gguf", "x~y"])
     assert argv == [sys.executable, "-m", f"{tmp_path}/models/a.gguf", f"--model-draft={tmp_path}/d.gguf", "x~y"]
     assert root_url("http://h:1/v1") == "http://h:1" and root_url("http://h:1/api/") == "http://h:1/api"
-    beellama = ["llama-server", "-m", "t.gguf", "--spec-type", "dflash", "--spec-draft-model", "~/m/dflash.gguf"]
+    beellama = ["llama-server", "-m", "t.gguf", "--spec-type", "draft-dflash", "--spec-draft-model", "~/m/dflash.gguf"]
     assert speculation_from_command(beellama) == ("draft", "dflash.gguf")
     assert speculation_from_command(["llama-server", "-m", "t.gguf", "-md", "d.gguf"]) == ("draft", "d.gguf")
     assert speculation_from_command(["llama-server", "--spec-type", "ngram-simple"]) == ("ngram", None)
@@ -211,3 +223,69 @@ def test_command_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             '{"method": "eagle3", "model": "org/eagle3-head", "num_speculative_tokens": 3}']
     assert speculation_from_command(vllm) == ("draft", "org/eagle3-head")
     assert speculation_from_command(["llama-server", "-m", "t.gguf"]) == ("none", None)
+
+
+# -- beechat doctor: the server command's program and flags ----------------------------------------
+
+
+def flag_lines(results: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(r["status"], r["detail"]) for r in results if "flag" in r["check"]]
+
+
+def test_doctor_reports_each_unknown_flag_against_the_programs_help() -> None:
+    # a real program answering --help: llama-cpp-python's server (pydantic-settings flags)
+    command = (sys.executable, "-m", "llama_cpp.server", "--model", "m.gguf", "--n_ctx", "512", "--port=8001",
+               "--ctx-size", "512", "-ngl", "-1", "--metrics")
+    results = check_server_command("py", ServerSpec(command=command))
+    assert results[0]["status"] == OK and results[0]["detail"] == f"{sys.executable} -> {sys.executable}"
+    shown = f"{sys.executable} -m llama_cpp.server --help"
+    assert flag_lines(results) == [
+        (FAIL, f"unknown flag --ctx-size (not in `{shown}`)"),
+        (FAIL, f"unknown flag -ngl (not in `{shown}`)"),
+        (FAIL, f"unknown flag --metrics (not in `{shown}`)"),
+    ]
+    good = check_server_command("py", ServerSpec(command=command[:8]))
+    assert flag_lines(good) == [(OK, f"all 3 flags are listed by `{shown}`")]
+
+
+def test_doctor_checks_the_llama_server_style_test_peer() -> None:
+    command = (sys.executable, str(XLLAMACPP_SERVER), "-m", "m.gguf", "--spec-type", "draft-simple", "-ctk", "q8_0",
+               "--port", "8080", "--spec-dm-controller", "profit")
+    assert flag_lines(check_server_command("xl", ServerSpec(command=command))) == [
+        (FAIL, f"unknown flag --spec-dm-controller (not in `{sys.executable} {XLLAMACPP_SERVER} --help`)")]
+
+
+def test_doctor_without_the_program_or_its_help(tmp_path: Path) -> None:
+    missing = check_server_command("gone", ServerSpec(command=("beechat-no-such-server", "--port", "1")))
+    assert [(r["status"], r["detail"]) for r in missing] == [(FAIL, "command not found: beechat-no-such-server")]
+    inline = check_server_command("c", ServerSpec(command=(sys.executable, "-c", "pass", "--x")))
+    assert flag_lines(inline) == [(WARN, "not checked: cannot tell which program reads them")]
+    mute = tmp_path / "mute_server.py"
+    mute.write_text("import sys; sys.exit(3)\n")
+    failing = check_server_command("f", ServerSpec(command=(sys.executable, str(mute), "--port", "1")))
+    assert flag_lines(failing) == [(WARN, f"not checked: `{sys.executable} {mute} --help` exited with code 3")]
+
+
+def test_the_beellama_example_profile_uses_flags_beellama_documents() -> None:
+    # tests/data/beellama_server_help_excerpt.txt is hand-written from BeeLlama v0.4.4's docs (no
+    # binary runs here); every flag of models.toml's bee-dflash command must be in it
+    profile = load_config_file(Path(__file__).parent.parent / "models.toml").profile("bee-dflash")
+    assert profile.server is not None
+    command = list(profile.server.command)
+    known = help_flags((DATA / "beellama_server_help_excerpt.txt").read_text())
+    assert help_prefix(command) == ["llama-server"]
+    assert [flag for flag in command_flags(command[1:]) if flag not in known] == []
+    assert command[command.index("--spec-type") + 1] == "draft-dflash"  # v0.4 rejects the old `dflash`
+    args = llama_server_args(command)
+    assert (args.type_k, args.type_v, args.n_ctx, args.spec_type) == ("kvarn5", "kvarn4", 131072, "draft-dflash")
+    assert speculation_from_command(command) == ("draft", "Qwen3.6-27B-DFlash.gguf")
+
+
+def test_help_and_flag_helpers() -> None:
+    assert help_prefix(["vllm", "serve", "Qwen/Qwen3-8B", "--port", "8000"]) == ["vllm", "serve", "Qwen/Qwen3-8B"]
+    assert help_prefix(["python3.11", "-m", "llama_cpp.server", "--model", "x"]) == ["python3.11", "-m",
+                                                                                     "llama_cpp.server"]
+    assert help_prefix(["python", "-c", "code"]) is None
+    assert command_flags(["-ngl", "-1", "--temp", "-0.5", "--a=b", "--a", "--", "x", "-"]) == ["-ngl", "--temp", "--a"]
+    text = "-ctk,  --cache-type-k TYPE   KV cache type (env: LLAMA_ARG_CACHE_TYPE_K)\n  --no-mmap. e.g. -ngl 99"
+    assert help_flags(text) == {"-ctk", "--cache-type-k", "--no-mmap", "-ngl"}

@@ -69,8 +69,13 @@ class Backend(Protocol):
         ...
 
 
-def create_backend(profile: Profile) -> Backend:
-    """Backends are imported lazily by name, so the openai backend never loads llama.cpp."""
+def create_backend(profile: Profile, *, own_process: bool = False) -> Backend:
+    """Backends are imported lazily by name, so the openai backend never loads llama.cpp.
+    `own_process`: an embedded profile runs in an engine process (the TUI; beechat/backends/worker.py)."""
+    if profile.backend == "embedded" and own_process:
+        from beechat.backends.worker import WorkerBackend
+
+        return WorkerBackend(profile)
     if profile.backend == "embedded":
         from beechat.backends.embedded import EmbeddedBackend
 

@@ -228,6 +228,7 @@ class ServerProps:
     total_slots: int | None = None
     model: str | None = None
     build_info: str | None = None
+    model_path: str | None = None  # the GGUF the server loaded (a path on the server's machine)
 
 
 def parse_props(payload: object) -> ServerProps:
@@ -240,7 +241,7 @@ def parse_props(payload: object) -> ServerProps:
         n_ctx = _int(payload.get("n_ctx"))
     model = _str(payload.get("model_alias")) or _str(payload.get("model_path"))
     return ServerProps(n_ctx=n_ctx, total_slots=_int(payload.get("total_slots")), model=model,
-                       build_info=_str(payload.get("build_info")))
+                       build_info=_str(payload.get("build_info")), model_path=_str(payload.get("model_path")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,15 +319,18 @@ def parse_models(payload: object) -> list[ModelEntry]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Server logs: KV-cache sizes (no endpoint reports KV bytes)
+# KV-cache sizes: from a server's log, or worked out from the GGUF (no endpoint reports KV bytes)
 
 _KV_LINE_RE = re.compile(
     r"(?:llama_kv_cache\w*: size|KV self size)\s*=\s*(?P<mib>[\d.]+) MiB"
     r"(?:\s*\(\s*(?P<cells>\d+) cells[^)]*\))?"
     r"(?:,\s*K \((?P<k>[^)]+)\):\s*[\d.]+ MiB,\s*V \((?P<v>[^)]+)\):\s*[\d.]+ MiB)?"
 )
+_KV_BUFFER_RE = re.compile(r"llama_kv_cache\w*:\s+\S+ KV buffer size\s*=\s*(?P<mib>[\d.]+) MiB")
 _RECURRENT_RE = re.compile(r"llama_memory_recurrent: size\s*=\s*(?P<mib>[\d.]+) MiB")
+_RECURRENT_BUFFER_RE = re.compile(r"llama_memory_recurrent:\s+\S+ RS buffer size\s*=\s*(?P<mib>[\d.]+) MiB")
 _VLLM_KV_RE = re.compile(r"Available KV cache memory:\s*(?P<gib>[\d.]+) GiB")
+_SLOTS_RE = re.compile(r"n_slots = (?P<slots>\d+), n_ctx_slot = (?P<ctx>\d+)(?:, kv_unified = '(?P<unified>\w+)')?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,11 +351,16 @@ class KvCacheLine:
 
 @dataclass(frozen=True, slots=True)
 class ServerLogInfo:
-    """KV facts from a managed server's log: llama.cpp cache lines (target, draft, SWA) or vLLM's."""
+    """A server's KV facts: llama.cpp cache lines (target, draft, SWA) or vLLM's, from its log or
+    worked out from the GGUF metadata (`source`); plus the slot layout llama-server logs."""
 
     kv_caches: tuple[KvCacheLine, ...] = ()
     recurrent_bytes: int = 0  # fixed-size recurrent state of hybrid models
     vllm_kv_bytes: int | None = None
+    n_slots: int | None = None  # llama-server `load_model: initializing, n_slots = N, n_ctx_slot = C, ...`
+    n_ctx_slot: int | None = None
+    kv_unified: bool | None = None
+    source: str = "log"  # "log" or "gguf"
 
     @property
     def kv_bytes_capacity(self) -> int | None:
@@ -383,13 +392,40 @@ class ServerLogInfo:
 
 
 def parse_server_log(text: str) -> ServerLogInfo:
+    """KV facts from a server log. llama.cpp prints its cache lines only at verbosity 4 and up
+    (`-lv 4`, or `--verbose`); a line whose KV buffers were all 0.00 MiB comes from a dry run
+    (`--fit` probing the memory before the real load) and is skipped."""
     caches: list[KvCacheLine] = []
-    for match in _KV_LINE_RE.finditer(text):
-        cells = match.group("cells")
-        caches.append(KvCacheLine(
-            bytes=round(float(match.group("mib")) * MIB), cells=int(cells) if cells else None,
-            cache_type_k=match.group("k"), cache_type_v=match.group("v"),
-        ))
-    recurrent = sum(round(float(m.group("mib")) * MIB) for m in _RECURRENT_RE.finditer(text))
+    recurrent = 0
+    buffers: list[float] = []  # KV buffer sizes since the last size line
+    rs_buffers: list[float] = []
+    slots: re.Match[str] | None = None
+    for line in text.splitlines():
+        if (buffer := _KV_BUFFER_RE.search(line)) is not None:
+            buffers.append(float(buffer.group("mib")))
+        elif (match := _KV_LINE_RE.search(line)) is not None:
+            dry_run = bool(buffers) and all(mib == 0.0 for mib in buffers)
+            buffers = []
+            if dry_run:
+                continue
+            cells = match.group("cells")
+            caches.append(KvCacheLine(
+                bytes=round(float(match.group("mib")) * MIB), cells=int(cells) if cells else None,
+                cache_type_k=match.group("k"), cache_type_v=match.group("v"),
+            ))
+        elif (rs_buffer := _RECURRENT_BUFFER_RE.search(line)) is not None:
+            rs_buffers.append(float(rs_buffer.group("mib")))
+        elif (rs := _RECURRENT_RE.search(line)) is not None:
+            dry_run = bool(rs_buffers) and all(mib == 0.0 for mib in rs_buffers)
+            rs_buffers = []
+            if not dry_run:
+                recurrent += round(float(rs.group("mib")) * MIB)
+        elif (found := _SLOTS_RE.search(line)) is not None:
+            slots = found
     vllm = [round(float(m.group("gib")) * GIB) for m in _VLLM_KV_RE.finditer(text)]
-    return ServerLogInfo(tuple(caches), recurrent, vllm[-1] if vllm else None)
+    unified = slots.group("unified") if slots is not None else None
+    return ServerLogInfo(
+        tuple(caches), recurrent, vllm[-1] if vllm else None,
+        n_slots=int(slots.group("slots")) if slots else None, n_ctx_slot=int(slots.group("ctx")) if slots else None,
+        kv_unified=None if unified is None else unified == "true",
+    )

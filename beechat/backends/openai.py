@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, Literal
 
@@ -26,6 +26,7 @@ from beechat.backends.base import BackendError, ModelInfo, ProgressCallback
 from beechat.backends.metrics import (
     MetricsSnapshot,
     ServerLogInfo,
+    ServerProps,
     SpecCounters,
     Timings,
     Usage,
@@ -38,6 +39,7 @@ from beechat.backends.metrics import (
     parse_usage,
 )
 from beechat.backends.server import ManagedServer, is_loopback, root_url, speculation_from_command
+from beechat.backends.server_kv import kv_from_gguf, llama_server_args, local_gguf
 from beechat.config import Profile, Sampling
 from beechat.engine.events import (
     ChatMessage,
@@ -313,6 +315,7 @@ class _ServerFacts:
     log: ServerLogInfo = field(default_factory=ServerLogInfo)
     speculation: str = "none"
     draft: str | None = None
+    kv_note: str | None = None  # how the KV bytes were worked out, when not read from the log
 
 
 @dataclass(slots=True)
@@ -447,20 +450,60 @@ class OpenAIBackend:
             model = entries[0].id
         facts = _ServerFacts(model=model)
         listed = next((e for e in entries if e.id == model), entries[0] if entries else None)
-        props = self._get_json("/props")
-        facts.ctx_size = parse_props(props).n_ctx if props is not None else None
+        props_payload = self._get_json("/props")
+        props = parse_props(props_payload) if props_payload is not None else ServerProps()
+        facts.ctx_size = props.n_ctx
         if facts.ctx_size is None and listed is not None:
             facts.ctx_size = listed.n_ctx
         facts.metrics = self._read_metrics() is not None
         if self.server is not None:
             facts.log = self.server.log_info()
             facts.speculation, facts.draft = speculation_from_command(self.server.spec.command)
+        facts.log, facts.kv_note = self._kv_facts(facts.log, props, facts.ctx_size)
         return facts
+
+    def _kv_facts(self, log: ServerLogInfo, props: ServerProps,
+                  n_ctx_slot: int | None) -> tuple[ServerLogInfo, str | None]:
+        """KV caches from the log when it has them, else worked out from the GGUF the server loaded
+        (a managed server's flags, or /props of a server whose model file is on this machine)."""
+        if log.kv_caches or n_ctx_slot is None:
+            return log, None
+        if self.server is not None:
+            spec = self.server.spec
+            args = llama_server_args(spec.command)
+            model = local_gguf(args.model, spec.cwd) or local_gguf(props.model_path)
+            draft = local_gguf(args.draft, spec.cwd) if args.draft else None
+            if model is None or (args.draft and draft is None):
+                return log, None
+            if log.n_slots is not None:  # `load_model: initializing, n_slots = N, ..., kv_unified = '...'`
+                n_slots, unified = log.n_slots, bool(log.kv_unified)
+            else:  # llama-server's -np auto: 4 slots over one unified cache unless it speculates
+                n_slots = props.total_slots or args.n_parallel or 1
+                auto = (args.n_parallel is None and args.kv_unified is None and args.draft is None
+                        and args.spec_type in (None, "none"))
+                unified = bool(args.kv_unified) or (auto and n_slots > 1)
+            computed = kv_from_gguf(model, n_ctx_slot, n_slots=n_slots, kv_unified=unified, args=args, draft=draft)
+            note = "KV bytes worked out from the GGUF headers and the server's flags"
+        else:
+            # a path on the server's machine: only a loopback server's is a file on this one
+            model = local_gguf(props.model_path) if is_loopback(self.base_url) else None
+            if model is None:
+                return log, None
+            if (props.total_slots or 1) > 1:  # the slots may share one KV pool or not: the server does not say
+                return log, None
+            computed = kv_from_gguf(model, n_ctx_slot, n_slots=1, cache_types_known=False)
+            note = ("KV bytes worked out from the GGUF header of the target alone, assuming llama-server's "
+                    "default f16 cache (the server reports neither its cache types nor a draft model)")
+        if computed is None:
+            return log, None
+        return replace(computed, vllm_kv_bytes=log.vllm_kv_bytes), note
 
     def _model_info(self, facts: _ServerFacts) -> ModelInfo:
         notes = [f"server: {self.base_url}"]
         if self.server is not None:
             notes.append(f"managed server log: {self.server.log_path}")
+        if facts.kv_note:
+            notes.append(facts.kv_note)
         if not facts.metrics:
             notes.append("no /metrics: draft counters only from llama-server timings "
                          "(start llama-server with --metrics)")

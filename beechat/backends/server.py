@@ -315,3 +315,64 @@ def _options(command: Sequence[str]) -> dict[str, str]:
             options[arg] = command[i + 1]
     return options
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a command's flags against its --help (beechat doctor)
+
+HELP_TIMEOUT_S = 30.0
+_HELP_FLAG_RE = re.compile(r"(?<![\w-])(--?[A-Za-z][\w.-]*)")
+_PYTHON_RE = re.compile(r"^python(?:\d+(?:\.\d+)*)?$")
+
+
+def help_prefix(argv: Sequence[str]) -> list[str] | None:
+    """The part of a command that `--help` goes after: the program and its leading positional words
+    (`vllm serve MODEL`), or `python -m MODULE` / `python SCRIPT`; None when it cannot be told."""
+    if not argv:
+        return None
+    if _PYTHON_RE.match(Path(argv[0]).name):
+        if len(argv) >= 3 and argv[1] == "-m":
+            return list(argv[:3])
+        if len(argv) >= 2 and not argv[1].startswith("-"):
+            return list(argv[:2])
+        return None
+    prefix = [argv[0]]
+    for arg in argv[1:]:
+        if arg.startswith("-"):
+            break
+        prefix.append(arg)
+    return prefix
+
+
+def command_flags(args: Sequence[str]) -> list[str]:
+    """The flags in `args` (`--opt=value` counts as `--opt`; negative numbers are values), in order."""
+    flags: list[str] = []
+    for arg in args:
+        if len(arg) < 2 or not arg.startswith("-") or arg == "--" or re.match(r"^-\.?\d", arg):
+            continue
+        flag = arg.partition("=")[0]
+        if flag not in flags:
+            flags.append(flag)
+    return flags
+
+
+def help_flags(text: str) -> set[str]:
+    """Every flag a --help text mentions."""
+    return {match.rstrip(".-") for match in _HELP_FLAG_RE.findall(text)}
+
+
+def read_help(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path | None = None,
+              timeout: float = HELP_TIMEOUT_S) -> tuple[str | None, str | None]:
+    """(help text, None), or (None, why not) when `argv --help` cannot be read."""
+    try:
+        result = subprocess.run([*argv, "--help"], capture_output=True, text=True, errors="replace",
+                                stdin=subprocess.DEVNULL, timeout=timeout, env={**os.environ, **(env or {})},
+                                cwd=str(cwd) if cwd else None)
+    except subprocess.TimeoutExpired:
+        return None, f"`{' '.join(argv)} --help` did not finish within {timeout:g} s"
+    except OSError as exc:
+        return None, f"cannot run {argv[0]}: {exc.strerror or exc}"
+    text = result.stdout + "\n" + result.stderr
+    if result.returncode != 0 and not help_flags(text):
+        return None, f"`{' '.join(argv)} --help` exited with code {result.returncode}"
+    return text, None

@@ -412,13 +412,15 @@ class _KVAccount:
     def capacity(self) -> int:
         s = self.engine.settings
         flash = self.engine.flash_attn is not False
-        return sum(layout.capacity_bytes(ctx.n_ctx, s.cache_type_k, s.cache_type_v, ctx.n_rs_seq, flash_attn=flash,
-                                         n_ubatch=ctx.n_ubatch) for layout, ctx in self.parts)
+        return sum(layout.capacity_bytes(ctx.n_ctx, s.cache_type_k, s.cache_type_v, ctx.n_rs_seq, ctx.n_seq_max,
+                                         flash_attn=flash, kv_unified=True, n_ubatch=ctx.n_ubatch)
+                   for layout, ctx in self.parts)
 
     def used(self) -> int:
         s = self.engine.settings
         flash = self.engine.flash_attn is not False
         return sum(layout.used_bytes(ctx.n_past, s.cache_type_k, s.cache_type_v, n_rs_seq=ctx.n_rs_seq,
+                                     n_seq_max=ctx.n_seq_max,
                                      flash_attn=flash) for layout, ctx in self.parts)
 
     def bytes_per_token(self) -> int:

@@ -141,6 +141,7 @@ class DraftModelDrafter:
         self._turn_checkpoint: SavedState | None = None
         self._new_turn = True
         self._stable = 0  # history[:_stable] is known to equal the cache's first tokens
+        self._branch_tokens: list[int] = []  # what the branch decoded after its fork
 
     @staticmethod
     def context_for(model: Model, **kwargs: Any) -> Context:
@@ -160,6 +161,15 @@ class DraftModelDrafter:
         ctx = self.context
         want = len(history) - 1
         keep = min(common_prefix(ctx.tokens, history, self._stable), want)
+        branch, self._branch_tokens = self._branch_tokens, []
+        if branch:
+            n = ctx.n_past
+            if (keep == n and n + len(branch) <= want and ctx.branch_n_past == n + len(branch)
+                    and list(history[n:n + len(branch)]) == branch):
+                ctx.promote_branch(branch)  # every draft decoded on the branch was accepted
+                keep = ctx.n_past
+            else:
+                ctx.drop_branch()  # its cells would crowd sequence 0 near the end of the context
         ctx.rewind(keep, self._turn_checkpoint)
         caught_up = want - ctx.n_past
         if caught_up > 0:
@@ -176,8 +186,6 @@ class DraftModelDrafter:
         if n <= 0:
             return proposal
         started = t = profile.mark()
-        if self._branching:
-            ctx.drop_branch()  # its cells would crowd sequence 0 near the end of the context
         proposal.caught_up = self.sync(history)
         t = profile.add("draft.sync", t)
         if self._branching:
@@ -188,6 +196,8 @@ class DraftModelDrafter:
             decode = ctx.decode
         proposal.overhead_seconds = t - started
         logits = decode([history[-1]])
+        if self._branching:
+            self._branch_tokens.append(history[-1])
         t = profile.add("draft.decode", t)
         drafted_history = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n > 0 else []
         for i in range(n):
@@ -205,6 +215,8 @@ class DraftModelDrafter:
             if self.model.is_eog(token) or i == n - 1:
                 break
             logits = decode([token])
+            if self._branching:
+                self._branch_tokens.append(token)
             t = profile.add("draft.decode", t)
         proposal.seconds = time.perf_counter() - started
         return proposal

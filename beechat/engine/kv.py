@@ -439,7 +439,7 @@ class KVLayout:
         return self.capacity(n_ctx, type_k, type_v, n_rs_seq, n_seq_max, flash_attn=flash_attn,
                              swa_full=swa_full, kv_unified=kv_unified, n_ubatch=n_ubatch).total
 
-    def used_bytes(self, n_tokens: int, type_k: str, type_v: str, *, n_rs_seq: int = 0,
+    def used_bytes(self, n_tokens: int, type_k: str, type_v: str, *, n_rs_seq: int = 0, n_seq_max: int = 1,
                    flash_attn: bool = True) -> int:
         """Bytes holding live data for one sequence of n_tokens: n_tokens cells in full-attention
         layers, min(n_tokens, window) in SWA layers, plus the recurrent state once a token is in."""
@@ -447,7 +447,7 @@ class KVLayout:
             return 0
         full, swa = self.split_bytes_per_token(type_k, type_v, flash_attn=flash_attn)
         swa_cells = min(n_tokens, self.n_swa) if self.n_swa > 0 else n_tokens
-        return full * n_tokens + swa * swa_cells + self.recurrent_state_bytes(n_rs_seq)
+        return full * n_tokens + swa * swa_cells + self.recurrent_state_bytes(n_rs_seq, n_seq_max)
 
     def max_context(self, free_bytes: int, weights_bytes: int, type_k: str, type_v: str, overhead_bytes: int,
                     n_rs_seq: int = 0, *, flash_attn: bool = True, swa_full: bool = True,

@@ -110,10 +110,28 @@ def llama_log() -> LlamaLog:
         return _log
 
 
+_reserved_cores = 0  # cores left to another process on this machine (the TUI, for its engine process)
+
+
+def reserve_cores(n: int) -> None:
+    """Leave `n` cores out of `default_threads()` (the TUI's engine process leaves one to the UI)."""
+    global _reserved_cores
+    _reserved_cores = max(0, n)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_threads() -> int:
-    """All cores but one: llama.cpp's worker threads spin while they wait for each other, so when
-    the UI or Python takes a core they all stall (2 cores: 75 tok/s alone, 0.5 with the TUI)."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    """All cores, less those reserved: llama.cpp's worker threads spin while they wait for each
+    other, so when another busy thread (the TUI) takes one of their cores they all stall
+    (2 cores, all threads: 75 tok/s alone, 0.5 with the TUI in the same process)."""
+    return max(1, available_cores() - _reserved_cores)
 
 
 def supports_gpu_offload() -> bool:
@@ -343,6 +361,18 @@ class Context:
         if self.branch_n_past:
             lc.llama_memory_seq_rm(self.memory, 1, -1, -1)
             self.branch_n_past = 0
+
+    def promote_branch(self, tokens: Sequence[int]) -> None:
+        """Sequence 1 becomes sequence 0: `tokens` are what it decoded after the fork. On the
+        device, no token evaluated again."""
+        if self.branch_n_past != self.n_past + len(tokens):
+            raise LlamaError("the branch does not hold the given tokens")
+        lc.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        lc.llama_memory_seq_cp(self.memory, 1, 0, -1, -1)
+        lc.llama_memory_seq_rm(self.memory, 1, -1, -1)
+        self.tokens.extend(tokens)
+        self.branch_n_past = 0
+        self.last_decode_size = 0  # no snapshot rollback across this
 
     def decode_branch(self, tokens: Sequence[int]) -> Logits:
         """Evaluate `tokens` on sequence 1 (after fork); returns the last token's logits row."""

@@ -98,6 +98,7 @@ class MTPContext:
         self.n_batch = int(lc.llama_n_batch(ptr))
         self.n_ubatch = int(lc.llama_n_ubatch(ptr))
         self.n_rs_seq = 0
+        self.n_seq_max = 1
         self.n_embd = model.n_embd_out
         self.memory = lc.llama_get_memory(ptr)
         self.n_past = 0  # positions 0..n_past-1 of the MTP cache mirror the target's

@@ -50,6 +50,32 @@ class PlanRow:
     kv_bytes: int  # KV + recurrent state at max_context
 
 
+@dataclass(frozen=True, slots=True)
+class RecurrentState:
+    """The fixed recurrent state one model's context allocates (0 for a transformer)."""
+
+    model: str  # "target" / "draft"
+    copies: int  # sequences x (1 + snapshots)
+    bytes_per_copy: int
+
+    @property
+    def total(self) -> int:
+        return self.copies * self.bytes_per_copy
+
+
+def recurrent_states(files: ModelFiles, n_rs_seq: int) -> list[RecurrentState]:
+    """What the engine's contexts hold besides the KV cache: the target's state with its
+    rollback snapshots, a recurrent draft's state on its two sequences (confirmed + branch)."""
+    out = []
+    for i, meta in enumerate(files.metadata()):
+        layout = KVLayout.from_metadata(meta)
+        one = layout.recurrent_state_bytes()
+        if one:
+            copies = layout.recurrent_state_bytes(n_rs_seq, 1) if i == 0 else layout.recurrent_state_bytes(0, 2)
+            out.append(RecurrentState("target" if i == 0 else "draft", copies // one, one))
+    return out
+
+
 def available_memory(use_gpu: bool) -> tuple[int, str]:
     """(free bytes, where): free GPU memory summed over GPUs when offloading, else available RAM."""
     from beechat.engine.devices import devices
@@ -90,7 +116,9 @@ def plan(files: ModelFiles, free_bytes: int, n_rs_seq: int = 0, n_batch: int = 5
             continue
 
         def need(n_ctx: int, type_k: str = type_k, type_v: str = type_v) -> int:
-            return sum(layout.capacity_bytes(n_ctx, type_k, type_v, n_rs_seq if i == 0 else 0)
+            # the target keeps n_rs_seq snapshots; a recurrent draft drafts on a second sequence
+            return sum(layout.capacity_bytes(n_ctx, type_k, type_v, n_rs_seq if i == 0 else 0,
+                                             1 if i == 0 or not layout.recurrent_layers else 2, kv_unified=True)
                        for i, layout in enumerate(layouts))
 
         low, high = 0, limit // CTX_PAD  # largest multiple of 256 whose cache fits the budget

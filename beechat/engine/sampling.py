@@ -49,7 +49,7 @@ def penalize(logits: npt.NDArray[np.float32], history: Sequence[int], sampling: 
     """Repeat penalty over the last `repeat_last_n` tokens, llama.cpp's rule: a positive logit is
     divided by the penalty, a negative one multiplied. Returns `logits` itself when no penalty
     applies (no copy)."""
-    if sampling.repeat_penalty == 1.0 or sampling.repeat_last_n == 0 or not history:
+    if not sampling.penalizes or not history:
         return logits
     window = history[-sampling.repeat_last_n:]
     ids = np.unique(np.asarray(window, dtype=np.int64))

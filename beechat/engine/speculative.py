@@ -43,11 +43,15 @@ class DraftController:
     """Chooses the draft length k per pass to maximise expected tokens per second.
 
     With per-token acceptance a, k drafts yield (1 - a^(k+1)) / (1 - a) tokens per pass and cost
-    k * c_draft + c_verify(k + 1). Both costs are measured (c_verify as an EMA per batch size, the
-    first run of each size dropped because it builds graphs); acceptance is the geometric-model
-    estimate accepted / tested, decayed so it follows the text. It starts by timing plain steps
-    and a short draft, then optimises; when no k > 0 beats plain decoding it stops drafting and
-    probes now and then, backing off while probes keep failing.
+    c_fixed + k * c_draft + c_verify(k + 1): c_fixed is what a drafter spends before its first
+    draft (a draft model catching up on the accepted tokens, forking its branch), c_draft each
+    drafted token, c_verify(n) the target's pass over n tokens (an EMA per batch size, the first
+    run of each size dropped because it builds graphs; sizes not yet seen are interpolated or
+    extrapolated). Acceptance is the geometric-model estimate accepted / tested, decayed so it
+    follows the text. It starts by timing plain steps and a short draft, then optimises; when no
+    k > 0 beats plain decoding by MARGIN it stops drafting and probes with one draft token now and
+    then, backing off while probes keep failing. A drafter that finds nothing to propose (an
+    n-gram miss) has not failed a probe: it is asked again on the next pass.
     """
 
     draft_max: int
@@ -56,27 +60,36 @@ class DraftController:
     accepted_w: float = 0.5  # prior: half of one tested draft accepted
     tested_w: float = 1.0
     draft_cost: float | None = None  # seconds per drafted token
+    fixed_cost: float = 0.0  # seconds a drafting pass spends before drafting (catch-up, fork)
     verify_cost: dict[int, float] = field(default_factory=dict)  # batch size -> seconds
     probe_interval: int = 16  # passes between probes while drafting does not pay
     passes_since_probe: int = 0
     _warm: set[int] = field(default_factory=set)
     _stale: bool = True  # estimates changed since the last full choice
     _last_choice: int = 0
+    _probing: bool = False
 
     MIN_PROBE, MAX_PROBE = 16, 256
     MARGIN = 1.03
+    PROBE_K = 1
 
     @property
     def acceptance(self) -> float:
         return self.accepted_w / self.tested_w if self.tested_w > 0 else 0.0
 
-    def observe(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+    def observe(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float,
+                fixed_seconds: float = 0.0, caught_up: int = 0) -> None:
+        """One pass: k drafts, `accepted` of them accepted; `draft_seconds` all the drafter spent,
+        `fixed_seconds` of it before the first draft, after evaluating `caught_up` tokens."""
+        self._probing = False
         if k > 0:
             tested = accepted + (1 if accepted < k else 0)
             self.accepted_w = self.decay * self.accepted_w + accepted
             self.tested_w = self.decay * self.tested_w + tested
-            per_token = draft_seconds / k
+            per_token = max(draft_seconds - fixed_seconds, 0.0) / k
             self.draft_cost = per_token if self.draft_cost is None else 0.8 * self.draft_cost + 0.2 * per_token
+            if caught_up <= self.draft_max + 1:  # not a long catch-up after drafting was off
+                self.fixed_cost = 0.8 * self.fixed_cost + 0.2 * fixed_seconds
             self._stale = True
         n = k + 1
         if n not in self._warm:  # the first decode of a new batch shape includes one-time setup
@@ -85,6 +98,13 @@ class DraftController:
         old = self.verify_cost.get(n)
         self._stale = self._stale or old is None
         self.verify_cost[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
+
+    def nothing_proposed(self) -> None:
+        """The drafter had nothing to propose (free to ask): a probe is retried next pass."""
+        if self._probing:
+            self._probing = False
+            self.probe_interval = max(self.MIN_PROBE, self.probe_interval // 2)
+            self.passes_since_probe = self.probe_interval
 
     def _verify_estimate(self, n: int) -> float | None:
         known = self.verify_cost
@@ -112,7 +132,7 @@ class DraftController:
             return None
         a = min(self.acceptance, 0.999)
         tokens = (1 - a ** (k + 1)) / (1 - a)
-        cost = k * (self.draft_cost or 0.0) + verify
+        cost = verify + (self.fixed_cost + k * (self.draft_cost or 0.0) if k > 0 else 0.0)
         return tokens / cost if cost > 0 else None
 
     def choose(self, limit: int) -> int:
@@ -144,7 +164,8 @@ class DraftController:
         if self.passes_since_probe >= self.probe_interval:  # re-measure acceptance cheaply
             self.passes_since_probe = 0
             self.probe_interval = min(self.MAX_PROBE, self.probe_interval * 2)
-            return min(limit, 2)
+            self._probing = True
+            return min(limit, self.PROBE_K)
         return 0
 
 
@@ -213,11 +234,12 @@ class Generator:
             drafts = proposal.tokens[:k] if proposal else []
             step, verify_seconds = self._verify(history, drafts, proposal.dists if proposal else [], sampling, rng)
             if self.adaptive and self.drafter is not None:
-                # an n-gram miss costs nothing and says nothing about acceptance
-                if drafts or (proposal is not None and self.drafter.kind != "ngram"):
-                    self.controller.observe(len(drafts), step.n_from_draft, proposal.seconds if proposal else 0.0,
-                                            verify_seconds)
-                elif not drafts:
+                if proposal is not None and drafts:
+                    self.controller.observe(len(drafts), step.n_from_draft, proposal.seconds, verify_seconds,
+                                            proposal.overhead_seconds, proposal.caught_up)
+                else:
+                    if proposal is not None:  # asked, but nothing to propose (an n-gram miss)
+                        self.controller.nothing_proposed()
                     self.controller.observe(0, 0, 0.0, verify_seconds)
             if len(step.tokens) > max_tokens - emitted:
                 step.tokens = step.tokens[:max_tokens - emitted]
@@ -250,18 +272,24 @@ class Generator:
         out: list[int] = []
         accepted = 0
         greedy = sampling.greedy
+        # greedy without a penalty: every row's argmax in one call
+        argmaxes = (np.argmax(logits[:len(drafts) + 1], axis=1).tolist()
+                    if greedy and not sampling.penalizes else None)
         # the penalty window for row i: the recent history plus drafts[:i]
         tail = history[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
         for i in range(len(drafts) + 1):
             row = logits[i]
             seen = tail + drafts[:i]
             if i == len(drafts):  # all drafts accepted: a bonus token from the last row
-                bonus = greedy_token(row, seen, sampling) if greedy else distribution(row, seen, sampling).sample(rng)
-                out.append(bonus)
+                if argmaxes is not None:
+                    out.append(argmaxes[i])
+                else:
+                    out.append(greedy_token(row, seen, sampling) if greedy
+                               else distribution(row, seen, sampling).sample(rng))
                 break
             draft = drafts[i]
             if greedy:
-                best = greedy_token(row, seen, sampling)
+                best = argmaxes[i] if argmaxes is not None else greedy_token(row, seen, sampling)
                 if best == draft:
                     out.append(draft)
                     accepted += 1
@@ -296,10 +324,3 @@ class Generator:
                 break
         n_from_draft = min(accepted, len(out))
         return Step(tokens=out, n_from_draft=n_from_draft, drafted=len(drafts), stop=stop), verify_seconds
-
-
-def expected_tokens_per_pass(acceptance: float, k: int) -> float:
-    if acceptance >= 1.0:
-        return float(k + 1)
-    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
-

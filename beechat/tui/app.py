@@ -53,6 +53,7 @@ STATS_INTERVAL_S: Final = 0.1  # the generate worker posts at most this many sta
 DEFAULT_THEME: Final = "textual-dark"
 EXPORT_NAME_ATTEMPTS: Final = 1000
 NO_FULL_GC: Final = 1_000_000  # a generation-2 threshold that is never reached
+ENGINE_CHECK_INTERVAL_S: Final = 1.0  # how often an idle app looks whether its engine process still runs
 
 
 class BeechatApp(App[int]):
@@ -250,6 +251,7 @@ class BeechatApp(App[int]):
         prompt.placeholder = f"Message ({send} sends, {newline}: newline)"
         prompt.focus()
         self._start_load(self.profile, old_backend=None, fallback=None)
+        self.set_interval(ENGINE_CHECK_INTERVAL_S, lambda: self._check_engine_process())
 
     def on_unmount(self) -> None:
         """Stop a reply, then free the model and close the store."""
@@ -469,8 +471,9 @@ class BeechatApp(App[int]):
         self.query_one(StatsPanel).record(done.stats)
         self.conversation_id = message.conversation_id
         self.generating = False
-        if done.finish_reason == "error":
-            self.notify(done.error or "generation failed", title="Reply failed", severity="error", timeout=10)
+        error = (done.error or "generation failed") if done.finish_reason == "error" else None
+        if not self._check_engine_process(error) and error is not None:
+            self.notify(error, title="Reply failed", severity="error", timeout=10)
         if self.show_sidebar:
             self._refresh_sidebar()
         if self._quit_when_idle:
@@ -576,6 +579,20 @@ class BeechatApp(App[int]):
             raise
         finally:
             self._loading_backend = None
+
+    def _check_engine_process(self, reason: str | None = None) -> bool:
+        """Whether the engine process died (crash, killed): then no model is loaded, the user is told
+        in one line (`reason`, else a generic one) and F2 loads the profile again; the conversation stays."""
+        backend = self.backend
+        if backend is None or self.generating or self.loading or getattr(backend, "alive", True):
+            return False
+        self.backend = None
+        backend.close()  # the process is gone already: this only collects it
+        reload = f"{self.key_for('pick_model')}, Enter reloads {self.profile.name}"
+        self.load_error = f"the engine process died; {reload}"
+        self.notify(f"{reason or 'the engine process died'}; {reload}", title="Model", severity="error", timeout=15)
+        self._show_state()
+        return True
 
     @on(LoadProgress)
     def _load_progress(self, message: LoadProgress) -> None:
@@ -902,11 +919,17 @@ def create_app(
         profile or config.profile(),
         store=store if save else None,
         owns_store=owns_store,
-        backend_factory=backend_factory or create_backend,
+        backend_factory=backend_factory or engine_process_backend,
         theme_dirs=theme_dirs if theme_dirs is not None else
         [locations.project_themes_dir(), locations.user_themes_dir()],
         max_tokens=max_tokens,
     )
+
+
+def engine_process_backend(profile: Profile) -> Backend:
+    """The TUI's backends: embedded profiles decode in their own process (beechat/backends/worker.py),
+    so rendering never holds up the engine."""
+    return create_backend(profile, own_process=True)
 
 
 def run_tui(config: Config, profile: Profile, save: bool = True) -> int:
