@@ -51,8 +51,9 @@ class Outbox:
         if isinstance(event, Chunk):
             self.text_parts.append(event.text)
             last = self._pending[-1] if self._pending else None
-            if isinstance(last, Chunk) and last.from_draft == event.from_draft:
-                self._pending[-1] = Chunk(last.text + event.text, last.n_tokens + event.n_tokens, event.from_draft)
+            if isinstance(last, Chunk) and (last.from_draft, last.source) == (event.from_draft, event.source):
+                self._pending[-1] = Chunk(last.text + event.text, last.n_tokens + event.n_tokens, event.from_draft,
+                                          event.source)
             else:
                 self._pending.append(event)
         elif isinstance(event, StatsUpdate):
@@ -65,8 +66,9 @@ class Outbox:
 
     def flush(self) -> None:
         batch = self._pending
-        if self._stats is not None:
-            batch.append(self._stats)
+        if self._stats is not None:  # before a closing Done: a batch ending in Done ends the reply
+            at = len(batch) - 1 if batch and isinstance(batch[-1], Done) else len(batch)
+            batch.insert(at, self._stats)
         if not batch:
             return
         self._pending, self._stats = [], None
