@@ -38,6 +38,22 @@ class _IgnoreGeneration(jinja2.ext.Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """`messages` with each run of same-role messages joined into one (blank line between).
+
+    Many chat templates insist that user and assistant alternate; a conversation gets two user
+    messages in a row when a reply failed or was stopped before its first token (the store keeps
+    both, and so does the model's view, joined).
+    """
+    out: list[ChatMessage] = []
+    for message in messages:
+        if out and out[-1]["role"] == message["role"]:
+            out[-1] = {"role": message["role"], "content": out[-1]["content"] + "\n\n" + message["content"]}
+        else:
+            out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -469,8 +469,9 @@ class BeechatApp(App[int]):
         self.query_one(StatsPanel).record(done.stats)
         self.conversation_id = message.conversation_id
         self.generating = False
-        if done.finish_reason == "error":
-            self.notify(done.error or "generation failed", title="Reply failed", severity="error", timeout=10)
+        if done.finish_reason == "error" or done.error:  # an error, or "context full" under overflow = "stop"
+            title = "Context full" if done.finish_reason == "context" else "Reply failed"
+            self.notify(done.error or "generation failed", title=title, severity="error", timeout=10)
         if self.show_sidebar:
             self._refresh_sidebar()
         if self._quit_when_idle:
