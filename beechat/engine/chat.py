@@ -219,9 +219,9 @@ class ChatEngine:
             return tokens, None
         policy = self.settings.overflow
         if policy == "stop":
-            raise EngineError(f"context full (overflow = \"stop\"): the conversation needs {len(tokens)} tokens but {budget} fit "
-                              f"(n_ctx {n_ctx} less {reserve} kept for the reply); start a new conversation, "
-                              "raise n_ctx, or set overflow = \"drop-oldest\"")
+            raise EngineError(f"context full (overflow = \"stop\"): the conversation needs {len(tokens)} tokens "
+                              f"but {budget} fit (n_ctx {n_ctx} less {reserve} kept for the reply); start a new "
+                              "conversation, raise n_ctx, or set overflow = \"drop-oldest\"")
         system = [i for i, m in enumerate(messages) if m["role"] == "system"]
         rest = [i for i, m in enumerate(messages) if m["role"] != "system"]
         if not rest:
