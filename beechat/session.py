@@ -41,8 +41,8 @@ class ChatSession:
     def prompt_messages(self) -> list[ChatMessage]:
         system = self.profile.system_prompt
         head: list[ChatMessage] = [{"role": "system", "content": system}] if system else []
-        # a reply that failed or was stopped before its first token leaves two user messages in a
-        # row: the model sees them joined (many chat templates insist that roles alternate)
+        # a reply that was refused, failed or was stopped before its first token leaves two user
+        # messages in a row: the model sees the newer one (many chat templates insist that roles alternate)
         return alternating(head + self.messages)
 
     def _ensure_conversation(self, first_text: str) -> int | None:

@@ -201,9 +201,10 @@ class ChatEngine:
     def fit(self, messages: Sequence[ChatMessage], reserve: int) -> tuple[list[int], str | None]:
         """The prompt tokens for `messages` under the overflow policy, and a notice if it cut.
 
-        The prompt leaves `reserve` tokens of the context free for the reply. Runs of same-role
-        messages are joined first (roles alternate in every prompt). Raises EngineError when the
-        policy is "stop", or when not even the system prompt and a few words of the newest message fit.
+        The prompt leaves `reserve` tokens of the context free for the reply. A run of same-role
+        messages is reduced to its last one first (roles alternate in every prompt; a message left
+        without a reply does not block the next). Raises EngineError when the policy is "stop", or
+        when not even the system prompt and a few words of the newest message fit.
         """
         messages = alternating(messages)
         n_ctx = self.context.n_ctx

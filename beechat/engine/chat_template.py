@@ -39,18 +39,19 @@ class _IgnoreGeneration(jinja2.ext.Extension):
 
 
 def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-    """`messages` with each run of same-role messages joined into one (blank line between).
+    """`messages` with each run of same-role messages reduced to its last one.
 
-    Many chat templates insist that user and assistant alternate; a conversation gets two user
-    messages in a row when a reply failed or was stopped before its first token (the store keeps
-    both, and so does the model's view, joined).
+    Many chat templates insist that user and assistant alternate. Two user messages follow each
+    other when a reply was refused (the context was full under overflow = "stop"), failed, or was
+    stopped before its first token: the store keeps both, the model sees only the newer one, so a
+    message that was refused for its size does not block the next one.
     """
     out: list[ChatMessage] = []
     for message in messages:
         if out and out[-1]["role"] == message["role"]:
-            out[-1] = {"role": message["role"], "content": out[-1]["content"] + "\n\n" + message["content"]}
+            out[-1] = message
         else:
-            out.append({"role": message["role"], "content": message["content"]})
+            out.append(message)
     return out
 
 
