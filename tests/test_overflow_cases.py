@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,6 +225,9 @@ def test_a_message_longer_than_the_context_is_cut_or_refused_and_the_chat_goes_o
         else:
             assert done.finish_reason == "length" and done.text and done.error is None
             assert len(notices) == 1 and "the newest message is longer than the context" in notices[0], notices
+            found = re.search(r"the model sees only its last (\d+) of (\d+) tokens", notices[0])
+            assert found is not None and int(found[2]) == engine.count_tokens(huge)
+            assert 16 <= int(found[1]) < 256 - engine.reply_reserve(8)
             seen = rendered(engine, prompts[-1])
             assert "THE END" in seen and "[…] " in seen and "START" not in seen and "Hello there." not in seen
             assert len(prompts[-1]) <= 256 - engine.reply_reserve(8)

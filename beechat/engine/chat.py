@@ -287,12 +287,15 @@ class ChatEngine:
         role, text = messages[last]["role"], messages[last]["content"]
         total = self.count_tokens(text)
 
-        def trial(n_chars: int) -> list[int]:
+        def tail_of(n_chars: int) -> str:
             tail = text[len(text) - n_chars:]
-            if n_chars < len(text):
-                space = tail.find(" ", 0, 40)  # start at a word when one starts soon
-                tail = "[…] " + (tail[space + 1:] if space >= 0 else tail)
-            return self.tokenize_chat([*base, {"role": role, "content": tail}])
+            space = tail.find(" ", 0, 40) if n_chars < len(text) else -1  # start at a word when one starts soon
+            return tail[space + 1:] if space >= 0 else tail
+
+        def trial(n_chars: int) -> list[int]:
+            tail = tail_of(n_chars)
+            marked = tail if len(tail) == len(text) else "[…] " + tail
+            return self.tokenize_chat([*base, {"role": role, "content": marked}])
 
         # A token is rarely longer than 16 characters: search that window first (a huge message
         # is not tokenized over and over), the whole message only if the window fits entirely.
@@ -310,8 +313,7 @@ class ChatEngine:
         if best is None:
             raise EngineError(f"the system prompt leaves no room for a message in n_ctx {self.context.n_ctx}; "
                               "shorten system_prompt or raise n_ctx")
-        kept = min(total, self.count_tokens(text[len(text) - best_n:]))
-        return best, kept, total
+        return best, self.count_tokens(tail_of(best_n)), total
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, messages: Sequence[ChatMessage], sampling: Sampling, cancel: threading.Event,
