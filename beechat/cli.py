@@ -207,7 +207,7 @@ def load_backend(profile: Profile, quiet: bool = True) -> Any:
 
 
 def cmd_ask(args: argparse.Namespace, config: Config) -> int:
-    from beechat.engine.events import Chunk
+    from beechat.engine.events import Chunk, Notice
     from beechat.session import ChatSession
 
     prompt = " ".join(args.prompt)
@@ -229,6 +229,8 @@ def cmd_ask(args: argparse.Namespace, config: Config) -> int:
             if stream_out and isinstance(event, Chunk):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+            elif isinstance(event, Notice):  # e.g. the prompt was cut to fit the context
+                print(f"beechat: note: {event.message}", file=sys.stderr, flush=True)
 
         cancel = threading.Event()
         try:

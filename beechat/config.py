@@ -98,6 +98,7 @@ class Profile:
     cache_type_v: str = "f16"
     flash_attn: bool | Literal["auto"] = "auto"
     overflow: Overflow = "drop-oldest"
+    reply_reserve: int | None = None  # tokens kept free for the reply (None: n_ctx / 4, capped at max_tokens)
     system_prompt: str | None = None
     max_tokens: int = 1024
     sampling: Sampling = field(default_factory=Sampling)
@@ -242,7 +243,7 @@ def parse_config(text: str, path: Path) -> Config:
 _COMMON_KEYS = {"backend", "system_prompt", "max_tokens", "overflow", "sampling"}
 _EMBEDDED_KEYS = {
     "target", "draft", "speculation", "draft_max", "draft_min", "n_ctx", "n_gpu_layers", "n_threads", "n_batch",
-    "cache_type_k", "cache_type_v", "flash_attn",
+    "cache_type_k", "cache_type_v", "flash_attn", "reply_reserve",
 }
 _OPENAI_KEYS = {"base_url", "api_model", "api_key_env", "timeout", "connect_timeout", "server"}
 _SAMPLING_KEYS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed"}
@@ -407,6 +408,11 @@ class _Validator:
             _set(kwargs, "n_gpu_layers", self.get_int(table, "n_gpu_layers", where, minimum=-1))
             _set(kwargs, "n_threads", self.get_int(table, "n_threads", where, minimum=1))
             _set(kwargs, "n_batch", self.get_int(table, "n_batch", where, minimum=1))
+            reserve = self.get_int(table, "reply_reserve", where, minimum=1)
+            if reserve is not None and isinstance(kwargs.get("n_ctx"), int) and reserve + 16 > kwargs["n_ctx"]:
+                raise self.fail((*where, "reply_reserve"), f"expected at most n_ctx - 16 ({kwargs['n_ctx'] - 16}) "
+                                                           f"to leave room for a message, got {reserve}")
+            _set(kwargs, "reply_reserve", reserve)
             for key in ("cache_type_k", "cache_type_v"):
                 _set(kwargs, key, self.get_str(table, key, where, tuple(CACHE_TYPES)))
             flash = table.get("flash_attn")

@@ -13,6 +13,7 @@ from beechat.config import Config, Profile
 from beechat.engine.events import Chunk, Done, Event, Notice
 from beechat.format import stats_line
 
+CUT_MARK = " [cut: the reply reached the end of the context]"
 HELP = "commands: /new (new conversation), /model NAME (switch profile), /models, /quit; Alt-Enter for a newline"
 
 
@@ -149,5 +150,7 @@ def _printer() -> Any:
             print(f"\n(note: {event.message})", file=sys.stderr)
         elif isinstance(event, Done) and event.finish_reason == "cancelled":
             sys.stdout.write(" [stopped]")
+        elif isinstance(event, Done) and event.finish_reason == "context" and event.text:
+            sys.stdout.write(CUT_MARK)
 
     return on_event

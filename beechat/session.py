@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from beechat.backends.base import Backend, ModelInfo
 from beechat.config import Profile, Sampling
+from beechat.engine.chat_template import alternating
 from beechat.engine.events import ChatMessage, Chunk, Done, Event, Stats, StatsUpdate
 
 if TYPE_CHECKING:
@@ -40,7 +41,9 @@ class ChatSession:
     def prompt_messages(self) -> list[ChatMessage]:
         system = self.profile.system_prompt
         head: list[ChatMessage] = [{"role": "system", "content": system}] if system else []
-        return head + self.messages
+        # a reply that was refused, failed or was stopped before its first token leaves two user
+        # messages in a row: the model sees the newer one (many chat templates insist that roles alternate)
+        return alternating(head + self.messages)
 
     def _ensure_conversation(self, first_text: str) -> int | None:
         if self.store is None:

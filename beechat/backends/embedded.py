@@ -37,7 +37,7 @@ class EmbeddedBackend:
             n_ctx=n_ctx,
             n_gpu_layers=p.n_gpu_layers, n_threads=p.n_threads, n_batch=p.n_batch,
             cache_type_k=p.cache_type_k, cache_type_v=p.cache_type_v, flash_attn=p.flash_attn,
-            overflow=p.overflow,
+            overflow=p.overflow, reply_reserve=p.reply_reserve, system_prompt=p.system_prompt,
         )
 
     def _auto_n_ctx(self, target: object) -> int:

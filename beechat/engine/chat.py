@@ -19,7 +19,7 @@ import llama_cpp  # noqa: F401  # load ggml's libraries before numpy's OpenBLAS 
 import numpy as np
 
 from beechat.config import CACHE_TYPES, Sampling
-from beechat.engine.chat_template import ChatTemplate, TemplateError
+from beechat.engine.chat_template import ChatTemplate, TemplateError, alternating
 from beechat.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, vocab_mismatch
 from beechat.engine.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
 from beechat.engine.gguf_meta import read_metadata
@@ -30,6 +30,7 @@ from beechat.engine.speculative import Generator
 
 Overflow = Literal["stop", "drop-oldest", "truncate-middle"]
 STATS_INTERVAL_S = 0.1  # live stats at most this often (the UI coalesces them anyway)
+MIN_MESSAGE_ROOM = 16  # tokens of a message that must fit beside the system prompt and the reply reserve
 
 
 class EngineError(Exception):
@@ -51,6 +52,8 @@ class EngineSettings:
     cache_type_v: str = "f16"
     flash_attn: bool | Literal["auto"] = "auto"
     overflow: Overflow = "drop-oldest"
+    reply_reserve: int | None = None  # tokens kept free for the reply; None: n_ctx / 4, capped at max_tokens
+    system_prompt: str | None = None  # checked at load: it must leave room for a message and the reply
     adaptive: bool = True
 
 
@@ -60,6 +63,7 @@ class _Cut:
     KV prefix stays reusable)."""
 
     first_kept: int  # index of the first kept non-system message
+    keep_head: bool = False  # truncate-middle kept the first exchange
     signature: int = 0
 
 
@@ -158,7 +162,8 @@ class ChatEngine:
             )
             if self.template.is_fallback:
                 self.notes.append("the model has no chat template; using ChatML")
-        except (LlamaError, TemplateError) as exc:
+            self.check_system_prompt(settings.system_prompt)
+        except (LlamaError, TemplateError, EngineError) as exc:
             self._close()
             raise EngineError(str(exc)) from exc
         except BaseException:
@@ -178,12 +183,41 @@ class ChatEngine:
     def count_tokens(self, text: str) -> int:
         return len(self.model.tokenize(text, add_special=False, parse_special=False))
 
+    def reply_reserve(self, max_tokens: int) -> int:
+        """Tokens kept free for the reply before each turn: the profile's `reply_reserve`, else a
+        quarter of the context (at least 16), never more than `max_tokens`."""
+        wanted = self.settings.reply_reserve
+        if wanted is None:
+            wanted = max(16, self.context.n_ctx // 4)
+        return max(1, min(wanted, max_tokens, self.context.n_ctx - MIN_MESSAGE_ROOM))
+
+    def check_system_prompt(self, system_prompt: str | None) -> None:
+        """EngineError unless the system prompt leaves room for a message and the reply reserve."""
+        n_ctx = self.context.n_ctx
+        wanted = self.settings.reply_reserve
+        if wanted is not None and wanted + MIN_MESSAGE_ROOM > n_ctx:
+            raise EngineError(f"reply_reserve = {wanted} leaves no room for a message in n_ctx = {n_ctx}; "
+                              "lower reply_reserve or raise n_ctx")
+        reserve = self.reply_reserve(n_ctx)
+        head: list[ChatMessage] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        needed = len(self.tokenize_chat([*head, {"role": "user", "content": ""}]))
+        if needed + MIN_MESSAGE_ROOM + reserve > n_ctx:
+            what = f"the system_prompt takes {needed} tokens" if head else f"the chat template takes {needed} tokens"
+            raise EngineError(f"{what}, too many for n_ctx = {n_ctx} with {reserve} kept for the reply "
+                              f"and {MIN_MESSAGE_ROOM} for a message; shorten system_prompt, raise n_ctx "
+                              "or lower reply_reserve")
+
     def fit(self, messages: Sequence[ChatMessage], reserve: int) -> tuple[list[int], str | None]:
         """The prompt tokens for `messages` under the overflow policy, and a notice if it cut.
 
-        Raises EngineError when the policy is "stop" (or nothing can make it fit).
+        The prompt leaves `reserve` tokens of the context free for the reply. A run of same-role
+        messages is reduced to its last one first (roles alternate in every prompt; a message left
+        without a reply does not block the next). Raises EngineError when the policy is "stop", or
+        when not even the system prompt and a few words of the newest message fit.
         """
-        budget = self.context.n_ctx - reserve
+        messages = alternating(messages)
+        n_ctx = self.context.n_ctx
+        budget = n_ctx - reserve
         if self._cut is not None:
             # Once cut, keep cutting at the same message while that fits: the cached prefix stays valid.
             cut_tokens = self._apply_cut(messages, self._cut)
@@ -195,70 +229,100 @@ class ChatEngine:
             return tokens, None
         policy = self.settings.overflow
         if policy == "stop":
-            raise EngineError(f"the conversation needs {len(tokens)} tokens but only {budget} fit "
-                              f"(n_ctx {self.context.n_ctx}, {reserve} kept for the reply); "
-                              "start a new conversation or raise n_ctx (overflow = \"stop\")")
+            raise EngineError(f"context full (overflow = \"stop\"): the conversation needs {len(tokens)} tokens "
+                              f"but {budget} fit (n_ctx {n_ctx} less {reserve} kept for the reply); start a new "
+                              "conversation, raise n_ctx, or set overflow = \"drop-oldest\"")
         system = [i for i, m in enumerate(messages) if m["role"] == "system"]
         rest = [i for i, m in enumerate(messages) if m["role"] != "system"]
         if not rest:
-            raise EngineError("the system prompt alone does not fit the context")
-        head = rest[:2] if policy == "truncate-middle" and len(rest) > 3 else []
+            raise EngineError(f"the system prompt alone takes {len(tokens)} of n_ctx {n_ctx} tokens; "
+                              "shorten system_prompt or raise n_ctx")
+        # Leave out as few messages as possible while the prompt fits in about half the context,
+        # so the next turns fit without another cut.
+        target = max(budget // 2, 1)
+
+        def prompt(indices: list[int]) -> list[int]:
+            return self.tokenize_chat([messages[i] for i in sorted(indices)])
+
+        head: list[int] = []
+        head_note = ""
+        if policy == "truncate-middle" and len(rest) > 3 and [messages[i]["role"] for i in rest[:2]] == [
+                "user", "assistant"]:
+            head = rest[:2]
+            if len(prompt(system + head + rest[-1:])) > target:  # the first exchange alone fills the context
+                head, head_note = [], " (the first exchange too: it is too long to keep)"
         candidates = rest[len(head):]  # the last one (the newest message) is always kept
         # Cut only where a user message starts: many chat templates insist that roles alternate.
         starts = [j for j, i in enumerate(candidates) if messages[i]["role"] == "user"] or [len(candidates) - 1]
         if starts[-1] != len(candidates) - 1:
             starts.append(len(candidates) - 1)
-
-        def prompt_from(start: int) -> list[int]:
-            kept = sorted(system + head + candidates[start:])
-            return self.tokenize_chat([messages[i] for i in kept])
-
-        # Leave out as few messages as possible while the prompt fits in about half the context,
-        # so the next turns fit without another cut (binary search: fewer messages, fewer tokens).
-        target = max(budget // 2, 1)
-        low, high = 0, len(starts) - 1
+        low, high = 0, len(starts) - 1  # binary search: fewer messages, fewer tokens
         while low < high:
             mid = (low + high) // 2
-            if len(prompt_from(starts[mid])) <= target:
+            if len(prompt(system + head + candidates[starts[mid]:])) <= target:
                 high = mid
             else:
                 low = mid + 1
         start = starts[low]
-        tokens = prompt_from(start)
+        tokens = prompt(system + head + candidates[start:])
+        cut_note = ""
         if len(tokens) > budget:  # the newest message alone is too long: keep its end
-            tokens = self._truncate_last(messages, system + head, candidates[-1], budget)
-        self._cut = _Cut(first_kept=candidates[start], signature=_signature(messages, candidates[start]))
-        what = "oldest" if policy == "drop-oldest" else "middle"
-        return tokens, (f"context full: left out the {start} {what} message(s) for the model "
-                        f"(they stay in the conversation); prompt now {len(tokens)} of {self.context.n_ctx} tokens")
+            tokens, kept, total = self._truncate_last(messages, system + head, candidates[-1], budget)
+            cut_note = (f"the newest message is longer than the context: the model sees only its last "
+                        f"{kept} of {total} tokens; ")
+        self._cut = _Cut(first_kept=candidates[start], keep_head=bool(head),
+                         signature=_signature(messages, candidates[start]))
+        left_out = len(rest) - len(head) - (len(candidates) - start)
+        where = "oldest" if policy == "drop-oldest" or not head else "middle"
+        dropped = (f"left out the {left_out} {where} message(s){head_note} for the model (they stay in the "
+                   "conversation); ") if left_out else ""
+        return tokens, (f"context full: {cut_note}{dropped}prompt now {len(tokens)} of {n_ctx} tokens, "
+                        f"{n_ctx - len(tokens)} left for the reply")
 
     def _apply_cut(self, messages: Sequence[ChatMessage], cut: _Cut) -> list[int] | None:
         if cut.first_kept >= len(messages) or _signature(messages, cut.first_kept) != cut.signature:
             return None
-        policy = self.settings.overflow
         system = [i for i, m in enumerate(messages) if m["role"] == "system"]
         rest = [i for i, m in enumerate(messages) if m["role"] != "system"]
-        head = [i for i in rest[:2] if i < cut.first_kept] if policy == "truncate-middle" and len(rest) > 3 else []
+        head = rest[:2] if cut.keep_head else []
         kept = sorted(set(system + head + [i for i in rest if i >= cut.first_kept]))
         return self.tokenize_chat([messages[i] for i in kept])
 
-    def _truncate_last(self, messages: Sequence[ChatMessage], keep: list[int], last: int, budget: int) -> list[int]:
+    def _truncate_last(self, messages: Sequence[ChatMessage], keep: list[int], last: int,
+                       budget: int) -> tuple[list[int], int, int]:
+        """The prompt with the longest tail of messages[last] that fits `budget`, marked as cut;
+        with the tokens of the message kept and in all."""
         base = [messages[i] for i in sorted(keep)]
-        text = messages[last]["content"]
-        words = text.split(" ")
-        low, high = 0, len(words)
-        best: list[int] | None = None
-        while low <= high:  # the longest tail of the message that fits
+        role, text = messages[last]["role"], messages[last]["content"]
+        total = self.count_tokens(text)
+
+        def tail_of(n_chars: int) -> str:
+            tail = text[len(text) - n_chars:]
+            space = tail.find(" ", 0, 40) if n_chars < len(text) else -1  # start at a word when one starts soon
+            return tail[space + 1:] if space >= 0 else tail
+
+        def trial(n_chars: int) -> list[int]:
+            tail = tail_of(n_chars)
+            marked = tail if len(tail) == len(text) else "[…] " + tail
+            return self.tokenize_chat([*base, {"role": role, "content": marked}])
+
+        # A token is rarely longer than 16 characters: search that window first (a huge message
+        # is not tokenized over and over), the whole message only if the window fits entirely.
+        window = min(len(text), budget * 16)
+        if window < len(text) and len(trial(window)) <= budget:
+            window = len(text)
+        low, high, best, best_n = 1, window, None, 0
+        while low <= high:  # the longest tail that fits
             mid = (low + high) // 2
-            trial_msg: ChatMessage = {"role": messages[last]["role"], "content": " ".join(words[len(words) - mid:])}
-            trial = self.tokenize_chat([*base, trial_msg])
-            if len(trial) <= budget:
-                best, low = trial, mid + 1
+            tokens = trial(mid)
+            if len(tokens) <= budget:
+                best, best_n, low = tokens, mid, mid + 1
             else:
                 high = mid - 1
         if best is None:
-            raise EngineError("the context is too small for even the system prompt and a few words")
-        return best
+            raise EngineError(f"the system prompt leaves no room for a message in n_ctx {self.context.n_ctx}; "
+                              "shorten system_prompt or raise n_ctx")
+        return best, self.count_tokens(tail_of(best_n)), total
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, messages: Sequence[ChatMessage], sampling: Sampling, cancel: threading.Event,
@@ -272,7 +336,7 @@ class ChatEngine:
         clock = DecodeClock()
         text_parts: list[str] = []
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        reserve = min(max_tokens, max(16, self.context.n_ctx // 4))
+        reserve = self.reply_reserve(max_tokens)
         try:
             prompt, notice = self.fit(messages, reserve)
         except (EngineError, TemplateError) as exc:
@@ -326,7 +390,9 @@ class ChatEngine:
             text_parts.append(tail)
             yield Chunk(text=tail, n_tokens=0)
         if finish == "context":
-            yield Notice(f"the reply reached the end of the context ({self.context.n_ctx} tokens)")
+            then = ("start a new conversation or raise n_ctx to go on" if self.settings.overflow == "stop"
+                    else "the next turn leaves out older messages for the model")
+            yield Notice(f"reply cut: it reached the end of the context ({self.context.n_ctx} tokens); {then}")
         yield Done(text="".join(text_parts), stats=self._final(stats, clock),
                    finish_reason=finish, error=error)  # type: ignore[arg-type]
 

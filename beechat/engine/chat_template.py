@@ -38,6 +38,23 @@ class _IgnoreGeneration(jinja2.ext.Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+def alternating(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """`messages` with each run of same-role messages reduced to its last one.
+
+    Many chat templates insist that user and assistant alternate. Two user messages follow each
+    other when a reply was refused (the context was full under overflow = "stop"), failed, or was
+    stopped before its first token: the store keeps both, the model sees only the newer one, so a
+    message that was refused for its size does not block the next one.
+    """
+    out: list[ChatMessage] = []
+    for message in messages:
+        if out and out[-1]["role"] == message["role"]:
+            out[-1] = message
+        else:
+            out.append(message)
+    return out
+
+
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -25,6 +25,7 @@ EXPORT_FORMATS: Final[tuple[ExportFormat, ...]] = ("md", "json", "html")
 TRANSCRIPT_FORMAT: Final = "beechat-transcript"
 TRANSCRIPT_VERSION: Final = 1
 NOT_AVAILABLE: Final = "n/a"
+CONTEXT_CUT_NOTE: Final = "Cut: the reply reached the end of the context"
 FILENAME_STEM_MAX_BYTES: Final = 80
 
 THINK_OPEN: Final = "<think>"
@@ -208,9 +209,12 @@ def _markdown_message(message: StoredMessage) -> list[str]:
     heading = ROLE_HEADINGS[message.role]
     if message.role != "assistant":
         return [f"## {heading}", "", message.content, ""]
-    lines = [f"## {heading}" + ("" if message.complete else " (partial)"), ""]
+    cut = _cut_by_context(message)
+    lines = [f"## {heading}" + ("" if message.complete else " (partial)") + (" (cut)" if cut else ""), ""]
     if not message.complete:
         lines += ["*Partial reply: generation did not finish (interrupted or still streaming).*", ""]
+    if cut:
+        lines += [f"*{CONTEXT_CUT_NOTE}.*", ""]
     reasoning, answer = split_reasoning(message.content)
     if reasoning:
         marker = "> **Reasoning**" + (" (unfinished)" if reasoning_unfinished(message.content) else "")
@@ -299,6 +303,8 @@ def _html_message(message: StoredMessage) -> list[str]:
     esc = _escape
     classes = f"message {message.role}" + ("" if message.complete else " partial")
     badge = "" if message.complete else ' <span class="badge">partial: generation did not finish</span>'
+    if _cut_by_context(message):
+        badge += f' <span class="badge">{esc(CONTEXT_CUT_NOTE)}</span>'
     parts = [f'<article class="{classes}" id="message-{message.id}">',
              f"<h2>{esc(ROLE_HEADINGS[message.role])}{badge}</h2>"]
     if message.role != "assistant":
@@ -319,6 +325,11 @@ def _html_message(message: StoredMessage) -> list[str]:
         parts.append(f'<ul class="fields {group}"><li class="group">{group}</li>{items}</ul>')
     parts.append("</article>")
     return parts
+
+
+def _cut_by_context(message: StoredMessage) -> bool:
+    """A reply that stopped because it reached the end of the model's context."""
+    return message.role == "assistant" and message.finish_reason == "context" and bool(message.content)
 
 
 def _escape(text: str) -> str:

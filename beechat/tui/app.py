@@ -471,9 +471,11 @@ class BeechatApp(App[int]):
         self.query_one(StatsPanel).record(done.stats)
         self.conversation_id = message.conversation_id
         self.generating = False
-        error = (done.error or "generation failed") if done.finish_reason == "error" else None
-        if not self._check_engine_process(error) and error is not None:
-            self.notify(error, title="Reply failed", severity="error", timeout=10)
+        failed = done.finish_reason == "error" or done.error is not None  # incl. "context full" under "stop"
+        error = (done.error or "generation failed") if failed else None
+        if not self._check_engine_process(error if done.finish_reason == "error" else None) and error is not None:
+            title = "Context full" if done.finish_reason == "context" else "Reply failed"
+            self.notify(error, title=title, severity="error", timeout=10)
         if self.show_sidebar:
             self._refresh_sidebar()
         if self._quit_when_idle:

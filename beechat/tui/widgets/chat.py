@@ -29,7 +29,7 @@ REASONING_LIVE_TITLE: Final = "Reasoning (thinking…)"
 FINISH_NOTES: Final = {
     "cancelled": "stopped",
     "length": "cut at the token limit",
-    "context": "context full",
+    "context": "cut: reached the end of the context",
 }
 WELCOME: Final = "Type a message below and press Enter to send it."
 
@@ -326,7 +326,7 @@ def reply_caption(stats: Stats | None, finish_reason: str | None, error: str | N
     parts = [stats_line(stats) if stats is not None else "stats n/a"]
     if not complete:
         parts.append("partial (generation did not finish)")
-    elif finish_reason == "error":
+    elif finish_reason == "error" or error:
         parts.append(f"error: {error or 'generation failed'}")
     elif finish_reason in FINISH_NOTES:
         parts.append(FINISH_NOTES[finish_reason])
