@@ -2,16 +2,17 @@
 
 All blocking work runs in thread workers that never touch widgets: `_load_model` (close the old
 backend, then load the new one) and `_generate` (ChatSession.send / reply, which also saves to the
-store). They reach the UI only through the messages declared on `BeechatApp`; token messages are
-never coalesced, stats and load-progress messages are. `create_app` is the one way to build the app
-(the CLI and the tests both use it).
+store). They reach the UI through the messages declared on `BeechatApp`, except the streamed reply itself:
+`_generate` adds its text and stats to the reply's `ReplyFeed`, which the UI drains once a frame
+(text) and once every STATS_INTERVAL_S (stats: the one place live stats are throttled), so a fast
+model costs the UI a bounded amount of work, not a message per token. `create_app` is the one way
+to build the app (the CLI and the tests both use it).
 """
 
 from __future__ import annotations
 
 import gc
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Footer
 from textual.worker import Worker, WorkerState
 
@@ -42,6 +44,7 @@ from beechat.tui.widgets import (
     ConversationSidebar,
     LoadBar,
     PromptInput,
+    ReplyFeed,
     ReplyView,
     StatsPanel,
     StatusLine,
@@ -49,7 +52,7 @@ from beechat.tui.widgets import (
 )
 
 BackendFactory = Callable[[Profile], Backend]
-STATS_INTERVAL_S: Final = 0.1  # the generate worker posts at most this many stats snapshots a second
+STATS_INTERVAL_S: Final = 0.1  # live stats are shown at most this often (the only live-stats throttle)
 DEFAULT_THEME: Final = "textual-dark"
 EXPORT_NAME_ATTEMPTS: Final = 1000
 NO_FULL_GC: Final = 1_000_000  # a generation-2 threshold that is never reached
@@ -110,25 +113,6 @@ class BeechatApp(App[int]):
     """Whether replies show their accepted-draft tokens highlighted."""
 
     # -- messages from the workers --------------------------------------------------------------
-    class ReplyChunk(Message):
-        """Text of the reply being generated. Never coalesced: every token counts."""
-
-        def __init__(self, text: str, n_tokens: int, from_draft: bool) -> None:
-            super().__init__()
-            self.text = text
-            self.n_tokens = n_tokens
-            self.from_draft = from_draft
-
-    class ReplyStats(Message):
-        """A live stats snapshot; a newer one still queued replaces it."""
-
-        def __init__(self, stats: Stats) -> None:
-            super().__init__()
-            self.stats = stats
-
-        def can_replace(self, message: Message) -> bool:
-            return isinstance(message, BeechatApp.ReplyStats)
-
     class ReplyNotice(Message):
         """Something to tell the user that does not end the reply (e.g. context overflow)."""
 
@@ -214,6 +198,7 @@ class BeechatApp(App[int]):
         self._generation_idle = threading.Event()  # set while no generate worker runs
         self._generation_idle.set()
         self._active_reply: ReplyView | None = None
+        self._stats_timer: Timer | None = None  # shows live stats while a reply streams
         self._quit_when_idle = False
         self._exiting = False
         self._reported_clashes: set[str] = set()
@@ -403,22 +388,20 @@ class BeechatApp(App[int]):
         await self.query_one(ChatView).add_reply(reply)
         self._active_reply = reply
         self.query_one(StatsPanel).start_reply()
-        self._generate(self.session, prompt, self._cancel)
+        self._stats_timer = self.set_interval(STATS_INTERVAL_S, self._show_live_stats)
+        self._generate(self.session, prompt, self._cancel, reply.feed)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="generate")
-    def _generate(self, session: ChatSession, prompt: str | None, cancel: threading.Event) -> None:
-        """Stream one reply (the session saves it as it grows); report through messages only."""
-        last_stats_at = float("-inf")
+    def _generate(self, session: ChatSession, prompt: str | None, cancel: threading.Event,
+                  feed: ReplyFeed) -> None:
+        """Stream one reply (the session saves it as it grows); text and stats go to `feed`,
+        everything else through messages."""
 
         def on_event(event: Event) -> None:
-            nonlocal last_stats_at
             if isinstance(event, Chunk):
-                self.post_message(self.ReplyChunk(event.text, event.n_tokens, event.from_draft))
+                feed.add_text(event.text, event.from_draft)
             elif isinstance(event, StatsUpdate):
-                now = time.monotonic()
-                if now - last_stats_at >= STATS_INTERVAL_S:
-                    last_stats_at = now
-                    self.post_message(self.ReplyStats(event.stats))
+                feed.set_stats(event.stats)
             elif isinstance(event, Notice):
                 self.post_message(self.ReplyNotice(event.message))
 
@@ -439,18 +422,14 @@ class BeechatApp(App[int]):
         """Whether the app is shutting down (late worker messages are then ignored)."""
         return self._exiting or not self.is_running
 
-    @on(ReplyChunk)
-    def _reply_chunk(self, message: ReplyChunk) -> None:
-        if self._active_reply is not None:
-            self._active_reply.add_chunk(message.text, message.from_draft)
-
-    @on(ReplyStats)
-    def _reply_stats(self, message: ReplyStats) -> None:
-        if self.closing:
+    def _show_live_stats(self) -> None:
+        """Show the latest stats snapshot of the reply being generated (every STATS_INTERVAL_S)."""
+        reply = self._active_reply
+        stats = reply.feed.take_stats() if reply is not None else None
+        if stats is None or self.closing or reply is None:
             return
-        if self._active_reply is not None:
-            self._active_reply.show_live_stats(message.stats)
-        self.query_one(StatsPanel).record(message.stats)
+        reply.show_live_stats(stats)
+        self.query_one(StatsPanel).record(stats)
 
     @on(ReplyNotice)
     def _reply_notice(self, message: ReplyNotice) -> None:
@@ -461,6 +440,9 @@ class BeechatApp(App[int]):
     @on(ReplyFinished)
     async def _reply_finished(self, message: ReplyFinished) -> None:
         reply, self._active_reply = self._active_reply, None
+        if self._stats_timer is not None:
+            self._stats_timer.stop()
+            self._stats_timer = None
         done = message.done
         if self.closing:
             return

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.geometry import Size
 from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Collapsible, Label, Markdown, Static
@@ -23,6 +26,8 @@ from beechat.tui.reasoning import ReasoningSplitter, split_reply
 
 FLUSH_INTERVAL_S: Final = 1 / 30  # streamed text reaches the Markdown at most this often
 PART_CHARS: Final = 1500  # a streamed Markdown document is continued in a new part past this size
+PARK_INTERVAL_S: Final = 0.5  # how often the chat looks for content far above the view to park
+PARKED: Final = "-parked"  # the class of a parked widget (its children are not displayed)
 _FENCE = re.compile(r"^ {0,3}(?:`{3,}|~{3,})", re.MULTILINE)
 REASONING_TITLE: Final = "Reasoning"
 REASONING_LIVE_TITLE: Final = "Reasoning (thinking…)"
@@ -40,6 +45,45 @@ class TokenRun:
 
     text: str
     from_draft: bool
+
+
+class ReplyFeed:
+    """Hands a reply from the thread that generates it to the UI without a message per token.
+
+    The generating thread adds text and stats as the backend yields them; the UI takes what
+    accumulated once a frame (text) or once a stats interval (stats). Text is never dropped
+    (consecutive text of one source is merged); stats keep only the latest snapshot.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: list[TokenRun] = []
+        self._stats: Stats | None = None
+
+    def add_text(self, text: str, from_draft: bool) -> None:
+        if not text:
+            return
+        with self._lock:
+            if self._runs and self._runs[-1].from_draft == from_draft:
+                self._runs[-1].text += text
+            else:
+                self._runs.append(TokenRun(text, from_draft))
+
+    def set_stats(self, stats: Stats) -> None:
+        with self._lock:
+            self._stats = stats
+
+    def take_text(self) -> list[TokenRun]:
+        """The text added since the last call, in order."""
+        with self._lock:
+            runs, self._runs = self._runs, []
+        return runs
+
+    def take_stats(self) -> Stats | None:
+        """The latest snapshot added since the last call, or None."""
+        with self._lock:
+            stats, self._stats = self._stats, None
+        return stats
 
 
 class UserMessage(Vertical):
@@ -166,8 +210,8 @@ class ReplyView(Vertical):
     """One assistant reply: reasoning (collapsed, marked), the answer as Markdown, a variant with
     draft tokens highlighted, and the reply's stats line, which stays attached to it.
 
-    While streaming, `add_chunk` only queues text; a timer writes the queue to the Markdown
-    streams once per frame, so a 500 tok/s reply costs about 30 Markdown appends a second.
+    While streaming, a timer takes the text that arrived in its `feed` once per frame and writes it
+    to the Markdown streams, so a 500 tok/s reply costs at most 30 Markdown appends a second.
     """
 
     def __init__(
@@ -181,8 +225,11 @@ class ReplyView(Vertical):
         complete: bool = True,
         streaming: bool = False,
         show_reasoning: bool = False,
+        feed: ReplyFeed | None = None,
     ) -> None:
         super().__init__(classes="-no-reasoning")
+        self.feed = feed or ReplyFeed()
+        """Where the text of a streaming reply arrives (from any thread)."""
         self.author = author
         self.runs: list[TokenRun] = [TokenRun(text, False)] if text else []
         self.stats = stats
@@ -217,8 +264,12 @@ class ReplyView(Vertical):
         self._show_stats_line()
 
     # -- streaming -----------------------------------------------------------------------------
-    def add_chunk(self, text: str, from_draft: bool) -> None:
-        """Queue streamed text; it is shown at the next flush."""
+    def _take_feed(self) -> None:
+        """Move the text that arrived in the feed into the reply (shown at the next write)."""
+        for run in self.feed.take_text():
+            self._add_text(run.text, run.from_draft)
+
+    def _add_text(self, text: str, from_draft: bool) -> None:
         if not text:
             return
         if self.runs and self.runs[-1].from_draft == from_draft:
@@ -235,8 +286,9 @@ class ReplyView(Vertical):
 
     async def finish(self, done: Done) -> None:
         """Write what is left, close the Markdown streams and show the final stats."""
+        self._take_feed()
         if done.text != self.text and done.text.startswith(self.text):
-            self.add_chunk(done.text[len(self.text):], False)  # text the events did not carry
+            self._add_text(done.text[len(self.text):], False)  # text the events did not carry
         if not self.is_attached:  # the app is closing
             return
         async with self._lock:
@@ -257,6 +309,7 @@ class ReplyView(Vertical):
     async def _flush(self) -> None:
         async with self._lock:
             if self.streaming and self.is_attached:
+                self._take_feed()
                 await self._write_pending(final=False)
 
     async def _write_pending(self, final: bool) -> None:
@@ -334,7 +387,26 @@ def reply_caption(stats: Stats | None, finish_reason: str | None, error: str | N
 
 
 class ChatView(VerticalScroll):
-    """The conversation, anchored to the newest message while the user does not scroll up."""
+    """The conversation, anchored to the newest message while the user does not scroll up.
+
+    Parking: Textual lays out every widget of the screen whenever one of them changes size, so a
+    streamed reply would cost more per frame the longer the conversation gets (every block of
+    every Markdown message is a widget). While the view is at the bottom, messages and finished
+    Markdown parts that lie more than a screen above it are parked: they keep their height but
+    their children are not displayed, so layout skips them. Scrolling up, a resize, or any change
+    to the messages brings everything back first, so a parked widget is never seen.
+    """
+
+    DEFAULT_CSS = """
+    ChatView .-parked > * {
+        display: none !important;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._parked: list[Widget] = []
+        self._parked_at: Size | None = None  # the view's size when the parked widgets were measured
 
     def compose(self) -> ComposeResult:
         yield Static(WELCOME, classes="chat-welcome")
@@ -345,6 +417,65 @@ class ChatView(VerticalScroll):
 
     def on_mount(self) -> None:
         self.anchor()
+        self.set_interval(PARK_INTERVAL_S, self.park_offscreen)
+
+    # -- parking -------------------------------------------------------------------------------
+    @property
+    def parked(self) -> list[Widget]:
+        """The widgets parked now."""
+        return list(self._parked)
+
+    def _parkable(self) -> Iterator[Widget]:
+        """Messages that no longer change, and the finished Markdown parts of a streaming reply."""
+        for message in self.query_children("UserMessage, ReplyView"):
+            if isinstance(message, ReplyView) and message.streaming:
+                for stream in message.query(StreamingMarkdown):
+                    yield from stream.parts[:-1]
+            else:
+                yield message
+
+    def park_offscreen(self) -> int:
+        """Park what lies wholly more than a screen above the view, if the view is at the bottom;
+        returns how many widgets were parked."""
+        height = self.scrollable_content_region.height
+        if not self.is_anchored or height <= 0 or self.scroll_y < self.max_scroll_y:
+            return 0
+        if self._parked_at is not None and self._parked_at != self.size:
+            self.unpark_all()
+        limit = self.scrollable_content_region.y - height  # screen row: parked widgets end above it
+        parked = 0
+        for widget in self._parkable():
+            region = widget.region
+            if widget.has_class(PARKED) or not region or region.bottom >= limit:
+                continue
+            widget.styles.height = widget.outer_size.height
+            widget.add_class(PARKED)
+            self._parked.append(widget)
+            parked += 1
+        if parked:
+            self._parked_at = self.size
+        return parked
+
+    def unpark_all(self) -> None:
+        """Show every parked widget again (with its own height)."""
+        parked, self._parked, self._parked_at = self._parked, [], None
+        for widget in parked:
+            widget.remove_class(PARKED)
+            widget.styles.height = None  # back to the stylesheet's height
+
+    def release_anchor(self) -> None:
+        """The user scrolls: what was parked must be there to be seen."""
+        self.unpark_all()
+        super().release_anchor()
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        if new_value < old_value and self._parked:  # any upward scroll, the user's or not
+            self.unpark_all()
+        super().watch_scroll_y(old_value, new_value)
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self._parked and event.size != self._parked_at:
+            self.unpark_all()
 
     @property
     def replies(self) -> list[ReplyView]:
@@ -370,6 +501,7 @@ class ChatView(VerticalScroll):
 
     async def show_messages(self, messages: Sequence[StoredMessage], show_reasoning: bool) -> None:
         """Replace the log with stored messages (a resumed conversation); system messages are skipped."""
+        self.unpark_all()
         await self.clear_messages()
         widgets: list[Widget] = []
         for message in messages:
@@ -388,11 +520,13 @@ class ChatView(VerticalScroll):
         self.anchor()
 
     async def clear_messages(self) -> None:
+        self.unpark_all()
         await self.query_children("UserMessage, ReplyView").remove()
         self._update_welcome()
 
     async def remove_last(self, widget_type: type[UserMessage] | type[ReplyView]) -> bool:
         """Remove the last message widget if it is of `widget_type`."""
+        self.unpark_all()
         messages = list(self.query_children("UserMessage, ReplyView"))
         if not messages or not isinstance(messages[-1], widget_type):
             return False
@@ -401,11 +535,13 @@ class ChatView(VerticalScroll):
         return True
 
     def set_reasoning_expanded(self, expanded: bool) -> None:
+        self.unpark_all()
         for reply in self.replies:
             reply.set_reasoning_expanded(expanded)
 
     def set_draft_highlight(self, highlight: bool) -> None:
         """Show replies as raw text with accepted-draft tokens highlighted, or as Markdown."""
+        self.unpark_all()
         self.set_class(highlight, "-draft-highlight")
         if highlight:
             for view in self.query(DraftTokensView):

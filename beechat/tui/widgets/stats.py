@@ -22,13 +22,16 @@ class StatRow(Horizontal):
     def __init__(self, name: str, *, id: str) -> None:
         super().__init__(id=id, classes="stat-row")
         self.stat_name = name
+        self.value = NA
 
     def compose(self) -> ComposeResult:
         yield Label(self.stat_name, classes="stat-name")
         yield Label(NA, classes="stat-value")
 
     def set_value(self, value: str) -> None:
-        self.query_one(".stat-value", Label).update(value, layout=False)  # one line, fixed width
+        if value != self.value:  # live stats arrive ten times a second; most rows stay the same
+            self.value = value
+            self.query_one(".stat-value", Label).update(value, layout=False)  # one line, fixed width
 
 
 class StatsPanel(VerticalScroll):
