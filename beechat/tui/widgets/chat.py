@@ -407,6 +407,7 @@ class ChatView(VerticalScroll):
         super().__init__(id=id, classes=classes)
         self._parked: list[Widget] = []
         self._parked_at: Size | None = None  # the view's size when the parked widgets were measured
+        self._scrolled_away = False  # the user scrolled up and has not come back to the bottom
 
     def compose(self) -> ComposeResult:
         yield Static(WELCOME, classes="chat-welcome")
@@ -438,7 +439,7 @@ class ChatView(VerticalScroll):
         """Park what lies wholly more than a screen above the view, if the view is at the bottom;
         returns how many widgets were parked."""
         height = self.scrollable_content_region.height
-        if not self.is_anchored or height <= 0 or self.scroll_y < self.max_scroll_y:
+        if not self.is_anchored or self._scrolled_away or height <= 0 or self.scroll_y < self.max_scroll_y:
             return 0
         if self._parked_at is not None and self._parked_at != self.size:
             self.unpark_all()
@@ -464,13 +465,17 @@ class ChatView(VerticalScroll):
             widget.styles.height = None  # back to the stylesheet's height
 
     def release_anchor(self) -> None:
-        """The user scrolls: what was parked must be there to be seen."""
+        """The user scrolls: what was parked must be there to be seen (nothing is parked again
+        until the view is back at the bottom)."""
+        self._scrolled_away = True
         self.unpark_all()
         super().release_anchor()
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
         if new_value < old_value and self._parked:  # any upward scroll, the user's or not
             self.unpark_all()
+        if new_value >= self.max_scroll_y:
+            self._scrolled_away = False
         super().watch_scroll_y(old_value, new_value)
 
     def on_resize(self, event: events.Resize) -> None:
