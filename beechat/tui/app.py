@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -31,7 +31,7 @@ from textual.worker import Worker, WorkerState
 
 from beechat import locations
 from beechat.backends.base import Backend, BackendError, ModelInfo, create_backend
-from beechat.config import Config, ConfigError, ModelFileError, Profile
+from beechat.config import Config, ConfigError, ModelFileError, Profile, Sampling
 from beechat.engine.events import Chunk, Done, Event, Notice, Stats, StatsUpdate
 from beechat.session import ChatSession
 from beechat.store import Conversation, Store, StoreError, default_store
@@ -177,6 +177,7 @@ class BeechatApp(App[int]):
         backend_factory: BackendFactory,
         theme_dirs: Sequence[Path],
         max_tokens: int | None = None,
+        sampling_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -190,6 +191,9 @@ class BeechatApp(App[int]):
         self.conversation_id: int | None = None
         """The conversation shown; None until the first message of a new one is saved."""
         self.max_tokens = max_tokens
+        """The reply length limit (`--max-tokens`); None: the profile's."""
+        self.sampling_overrides = {k: v for k, v in (sampling_overrides or {}).items() if v is not None}
+        """Sampling settings from the command line (`--temperature`, `--seed`), over every profile's."""
         self.load_error: str | None = None
         self.applied_keymap: dict[str, str] = {}
         self._backend_factory = backend_factory
@@ -389,10 +393,11 @@ class BeechatApp(App[int]):
         self._active_reply = reply
         self.query_one(StatsPanel).start_reply()
         self._stats_timer = self.set_interval(STATS_INTERVAL_S, self._show_live_stats)
-        self._generate(self.session, prompt, self._cancel, reply.feed)
+        sampling = self.session.profile.sampling.with_overrides(**self.sampling_overrides)
+        self._generate(self.session, prompt, sampling, self._cancel, reply.feed)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="generate")
-    def _generate(self, session: ChatSession, prompt: str | None, cancel: threading.Event,
+    def _generate(self, session: ChatSession, prompt: str | None, sampling: Sampling, cancel: threading.Event,
                   feed: ReplyFeed) -> None:
         """Stream one reply (the session saves it as it grows); text and stats go to `feed`,
         everything else through messages."""
@@ -408,9 +413,9 @@ class BeechatApp(App[int]):
         try:
             if prompt is None:
                 session.pop_last_reply()
-                done = session.reply(None, cancel, self.max_tokens, on_event)
+                done = session.reply(sampling, cancel, self.max_tokens, on_event)
             else:
-                done = session.send(prompt, None, cancel, self.max_tokens, on_event)
+                done = session.send(prompt, sampling, cancel, self.max_tokens, on_event)
         except Exception as exc:  # the store or the backend broke: end the reply with the reason
             done = Done(text="", stats=Stats(), finish_reason="error", error=one_line_error(exc))
         finally:
@@ -873,9 +878,11 @@ def create_app(
     backend_factory: BackendFactory | None = None,
     theme_dirs: Sequence[Path] | None = None,
     max_tokens: int | None = None,
+    sampling_overrides: Mapping[str, Any] | None = None,
 ) -> BeechatApp:
     """Build the app. `store` None with `save` opens the user's database (closed on exit);
-    `backend_factory` defaults to the real backends; `theme_dirs` to themes/ and the user's themes."""
+    `backend_factory` defaults to the real backends; `theme_dirs` to the built-in and the user's
+    themes; `max_tokens` and `sampling_overrides` (None values ignored) apply to every reply."""
     owns_store = False
     if store is None and save:
         store, owns_store = default_store(), True
@@ -888,11 +895,13 @@ def create_app(
         theme_dirs=theme_dirs if theme_dirs is not None else
         [locations.project_themes_dir(), locations.user_themes_dir()],
         max_tokens=max_tokens,
+        sampling_overrides=sampling_overrides,
     )
 
 
-def run_tui(config: Config, profile: Profile, save: bool = True) -> int:
+def run_tui(config: Config, profile: Profile, save: bool = True, max_tokens: int | None = None,
+            sampling_overrides: Mapping[str, Any] | None = None) -> int:
     """Run the TUI until the user quits; the exit code."""
-    app = create_app(config, profile, save=save)
+    app = create_app(config, profile, save=save, max_tokens=max_tokens, sampling_overrides=sampling_overrides)
     app.run()
     return app.return_code or 0
