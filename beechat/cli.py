@@ -349,7 +349,7 @@ def cmd_locate() -> int:
     print(f"user config:   {locations.user_config_file()}")
     print(f"database:      {locations.database_file()}")
     print(f"exports:       {locations.exports_dir()}")
-    print(f"themes:        {locations.project_themes_dir()}  {locations.user_themes_dir()}")
+    print(f"themes:        {locations.builtin_themes_dir()}  {locations.user_themes_dir()}")
     print(f"logs:          {locations.logs_dir()}")
     return EXIT_OK
 

@@ -262,7 +262,8 @@ class BeechatApp(App[int]):
             self.theme = name
         else:
             self.theme = DEFAULT_THEME
-            self.notify(f"theme {name!r} not found (built-in themes, themes/*.toml); using {DEFAULT_THEME}",
+            self.notify(f"theme {name!r} not found (built-in themes, {locations.user_themes_dir()}); "
+                        f"using {DEFAULT_THEME}",
                         title="Theme", severity="warning", timeout=10)
 
     def _apply_keymap(self, keys: Mapping[str, str]) -> None:
@@ -893,7 +894,7 @@ def create_app(
         owns_store=owns_store,
         backend_factory=backend_factory or create_backend,
         theme_dirs=theme_dirs if theme_dirs is not None else
-        [locations.project_themes_dir(), locations.user_themes_dir()],
+        [locations.builtin_themes_dir(), locations.user_themes_dir()],
         max_tokens=max_tokens,
         sampling_overrides=sampling_overrides,
     )

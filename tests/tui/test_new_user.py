@@ -4,6 +4,11 @@ built-in themes in an installed copy, and sparklines of a steady value."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,3 +112,50 @@ def test_impossible_top_level_options_are_a_one_line_error(
     monkeypatch.setattr(BeechatApp, "run", lambda app: pytest.fail("the TUI must not start"))
     assert cli.main(option) == 1
     assert capsys.readouterr().err == f"beechat: error: {error}\n"
+
+
+INSTALLED_APP_SCRIPT = """
+import asyncio, dataclasses, sys
+import beechat
+from beechat.backends.fake import FakeBackendFactory
+from beechat.config import demo_config
+from beechat.tui.app import create_app
+
+async def main() -> None:
+    config = dataclasses.replace(demo_config(), theme="beechat-honey")
+    app = create_app(config, save=False, backend_factory=FakeBackendFactory())  # default theme dirs
+    async with app.run_test() as pilot:
+        await pilot.pause()
+        print(beechat.__file__)
+        print(app.theme)
+        print(",".join(sorted(t for t in app.available_themes if t.startswith("beechat-"))))
+        print(len(app.theme_problems))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_built_in_themes_ship_in_a_wheel_and_load_from_the_installed_copy(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copytree(repo / "beechat", source / "beechat", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "wheels"),
+                    str(source)], check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "wheels").glob("beechat-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        assert {"beechat/themes/honey.toml", "beechat/themes/meadow-light.toml"} <= set(archive.namelist())
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy, not this checkout
+    result = subprocess.run([sys.executable, "-c", INSTALLED_APP_SCRIPT], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    module_file, theme, themes, problems = result.stdout.split()
+    assert Path(module_file).is_relative_to(site)
+    assert theme == "beechat-honey"
+    assert themes == "beechat-honey,beechat-meadow" and problems == "0"
