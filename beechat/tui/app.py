@@ -444,6 +444,11 @@ class BeechatApp(App[int]):
         self.notify(message.text, title="Note", severity="warning", timeout=8)
 
     @on(ReplyFinished)
+    def _reply_finished_message(self, message: ReplyFinished) -> None:
+        # in a worker: the rest of a long reply may take several frames to show, and the app
+        # keeps handling keys meanwhile (`generating` stays set until the reply is complete)
+        self.run_worker(self._reply_finished(message), group="finish", exit_on_error=False)
+
     async def _reply_finished(self, message: ReplyFinished) -> None:
         reply, self._active_reply = self._active_reply, None
         if self._stats_timer is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
@@ -17,7 +18,6 @@ from textual.geometry import Size
 from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Collapsible, Label, Markdown, Static
-from textual.widgets.markdown import MarkdownStream
 
 from beechat.engine.events import Done, Stats
 from beechat.format import percent, rate, stats_line
@@ -25,7 +25,10 @@ from beechat.store import StoredMessage
 from beechat.tui.reasoning import ReasoningSplitter, split_reply
 
 FLUSH_INTERVAL_S: Final = 1 / 30  # streamed text reaches the Markdown at most this often
-PART_CHARS: Final = 1500  # a streamed Markdown document is continued in a new part past this size
+PART_CHARS: Final = 600  # a streamed Markdown document is continued in a new part past this size
+IDLE_SHARE: Final = 0.5  # after a write, the UI is left idle at least this share of the time it took
+FRAME_CHARS: Final = 1000  # the most streamed text written to the Markdown in one frame (a backlog
+#                           is caught up over several frames, so no frame does unbounded work)
 PARK_INTERVAL_S: Final = 0.5  # how often the chat looks for content far above the view to park
 PARKED: Final = "-parked"  # the class of a parked widget (its children are not displayed)
 _FENCE = re.compile(r"^ {0,3}(?:`{3,}|~{3,})", re.MULTILINE)
@@ -143,17 +146,17 @@ class MarkdownPart(Markdown):
 
 
 class StreamingMarkdown(Vertical):
-    """Markdown fed through `Markdown.get_stream()`, continued in a new part (a new Markdown widget)
-    at a block boundary once a part passes PART_CHARS.
+    """Markdown written in appends, continued in a new part (a new Markdown widget) at a block
+    boundary once a part passes PART_CHARS.
 
     Textual lays out every block of a Markdown widget again whenever the widget grows; with parts,
     only the last (small) part grows, the finished ones keep their cached layout, so a long reply
-    streams at a steady frame rate.
+    streams at a steady frame rate. Each `write` returns once its text is in the document (the
+    caller paces the writes; nothing is queued here).
     """
 
     def __init__(self, *, classes: str | None = None) -> None:
         super().__init__(classes=classes)
-        self._stream: MarkdownStream | None = None
         self._part_text = ""  # what was written to the last part
 
     def compose(self) -> ComposeResult:
@@ -176,7 +179,6 @@ class StreamingMarkdown(Vertical):
             if cut is None:
                 break
             await self._write_part(text[:cut - written])
-            await self.stop()
             await self.mount(MarkdownPart(classes="markdown-part"))
             self._part_text = ""
             text = text[cut - written:]
@@ -185,20 +187,11 @@ class StreamingMarkdown(Vertical):
     async def _write_part(self, text: str) -> None:
         if not text:
             return
-        if self._stream is None:
-            self._stream = Markdown.get_stream(self.parts[-1])
         self._part_text += text
-        await self._stream.write(text)
-
-    async def stop(self) -> None:
-        """Finish the stream: everything written is in the document afterwards."""
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            await stream.stop()
+        await self.parts[-1].append(text)
 
     async def show(self, text: str) -> None:
         """Replace the document with `text` (not streamed)."""
-        await self.stop()
         first, *rest = self.parts
         if rest:
             await self.remove_children(rest)
@@ -210,8 +203,9 @@ class ReplyView(Vertical):
     """One assistant reply: reasoning (collapsed, marked), the answer as Markdown, a variant with
     draft tokens highlighted, and the reply's stats line, which stays attached to it.
 
-    While streaming, a timer takes the text that arrived in its `feed` once per frame and writes it
-    to the Markdown streams, so a 500 tok/s reply costs at most 30 Markdown appends a second.
+    While streaming, a timer takes the text that arrived in its `feed` once per frame and appends
+    it to the Markdown (at most FRAME_CHARS a frame), so a 500 tok/s reply costs at most 30 Markdown
+    appends a second, and a frame that runs late is skipped rather than queued.
     """
 
     def __init__(
@@ -242,6 +236,7 @@ class ReplyView(Vertical):
         self._splitter = ReasoningSplitter()
         self._flush_timer: Timer | None = None
         self._lock = asyncio.Lock()  # the flush timer and finish() never write at the same time
+        self._next_write_at = 0.0  # monotonic time before which the flush timer does not write
 
     @property
     def text(self) -> str:
@@ -285,19 +280,22 @@ class ReplyView(Vertical):
         self.query_one(".reply-stats", Static).update(live_caption(stats), layout=False)
 
     async def finish(self, done: Done) -> None:
-        """Write what is left, close the Markdown streams and show the final stats."""
+        """Show what is left (a frame's worth at a time, like the stream) and the final stats."""
         self._take_feed()
         if done.text != self.text and done.text.startswith(self.text):
             self._add_text(done.text[len(self.text):], False)  # text the events did not carry
+        while self.is_attached:
+            async with self._lock:
+                await self._write_pending(final=False)
+                if not self._pending:
+                    if self._flush_timer is not None:
+                        self._flush_timer.stop()
+                        self._flush_timer = None
+                    await self._write_pending(final=True)  # what the reasoning splitter held back
+                    break
+            await asyncio.sleep(max(FLUSH_INTERVAL_S, self._next_write_at - time.monotonic()))
         if not self.is_attached:  # the app is closing
             return
-        async with self._lock:
-            if self._flush_timer is not None:
-                self._flush_timer.stop()
-                self._flush_timer = None
-            await self._write_pending(final=True)
-            await self.answer.stop()
-            await self.reasoning.stop()
         self.streaming = False
         self.stats = done.stats
         self.finish_reason = done.finish_reason
@@ -307,14 +305,27 @@ class ReplyView(Vertical):
         self._show_stats_line()
 
     async def _flush(self) -> None:
+        if time.monotonic() < self._next_write_at:
+            return
         async with self._lock:
             if self.streaming and self.is_attached:
                 self._take_feed()
                 await self._write_pending(final=False)
 
+    def _paced(self, started: float) -> None:
+        """After a write has been laid out and painted: leave the UI idle for IDLE_SHARE of what
+        it took before the next write, so keys are answered promptly however slow the frame was."""
+        took = time.monotonic() - started
+        self._next_write_at = time.monotonic() + took * IDLE_SHARE / (1 - IDLE_SHARE)
+
     async def _write_pending(self, final: bool) -> None:
+        """Write up to FRAME_CHARS of the queued text (all of it when `final`)."""
+        started = time.monotonic()
         text = "".join(self._pending)
         self._pending.clear()
+        if not final and len(text) > FRAME_CHARS:
+            text, rest = text[:FRAME_CHARS], text[FRAME_CHARS:]
+            self._pending.append(rest)
         segments = self._splitter.feed(text) if text else []
         if final:
             segments.extend(self._splitter.finish())
@@ -327,6 +338,7 @@ class ReplyView(Vertical):
             else:  # the answer so far was reasoning after all: start the answer again
                 await self.answer.show("")
         if text or segments:
+            self.call_after_refresh(self._paced, started)
             collapsible = self.query_one(Collapsible)
             collapsible.title = REASONING_LIVE_TITLE if self._splitter.in_reasoning else REASONING_TITLE
             draft_tokens = self.query_one(DraftTokensView)
