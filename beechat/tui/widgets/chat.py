@@ -24,7 +24,7 @@ from beechat.format import percent, rate, stats_line
 from beechat.store import StoredMessage
 from beechat.tui.reasoning import ReasoningSplitter, split_reply
 
-FLUSH_INTERVAL_S: Final = 1 / 30  # streamed text reaches the Markdown at most this often
+FLUSH_INTERVAL_S: Final = 1 / 20  # streamed text reaches the Markdown at most this often (a frame)
 PART_CHARS: Final = 600  # a streamed Markdown document is continued in a new part past this size
 IDLE_SHARE: Final = 0.5  # after a write, the UI is left idle at least this share of the time it took
 FRAME_CHARS: Final = 1000  # the most streamed text written to the Markdown in one frame (a backlog
@@ -204,7 +204,7 @@ class ReplyView(Vertical):
     draft tokens highlighted, and the reply's stats line, which stays attached to it.
 
     While streaming, a timer takes the text that arrived in its `feed` once per frame and appends
-    it to the Markdown (at most FRAME_CHARS a frame), so a 500 tok/s reply costs at most 30 Markdown
+    it to the Markdown (at most FRAME_CHARS a frame), so a 500 tok/s reply costs at most 20 Markdown
     appends a second, and a frame that runs late is skipped rather than queued.
     """
 
