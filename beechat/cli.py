@@ -162,6 +162,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_bench(config.profile(args.model), as_json=args.json, max_tokens=args.max_tokens,
                          repeat=args.repeat)
     profile = config.profile(args.model)
+    check_generation_options(args)
     if args.plain:
         from beechat.plain import run_plain
 
@@ -169,7 +170,18 @@ def _dispatch(args: argparse.Namespace) -> int:
                          save=not args.no_save)
     from beechat.tui.app import run_tui
 
-    return run_tui(config, profile, save=not args.no_save)
+    return run_tui(config, profile, save=not args.no_save, max_tokens=args.max_tokens,
+                   sampling_overrides=sampling_overrides(args))
+
+
+def check_generation_options(args: argparse.Namespace) -> None:
+    """`--max-tokens` and `--temperature` values that cannot work are a one-line error."""
+    max_tokens = getattr(args, "max_tokens", None)
+    if max_tokens is not None and max_tokens < 1:
+        raise CLIError("--max-tokens must be >= 1")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and temperature < 0:
+        raise CLIError("--temperature must be >= 0")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,8 +227,7 @@ def cmd_ask(args: argparse.Namespace, config: Config) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise CLIError("empty prompt (give PROMPT, or text on stdin)")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise CLIError("--max-tokens must be >= 1")
+    check_generation_options(args)
     profile = config.profile(args.model)
     sampling = profile.sampling.with_overrides(**sampling_overrides(args))
     backend, info = load_backend(profile, quiet=args.json)
@@ -355,7 +366,7 @@ def cmd_locate() -> int:
     print(f"user config:   {locations.user_config_file()}")
     print(f"database:      {locations.database_file()}")
     print(f"exports:       {locations.exports_dir()}")
-    print(f"themes:        {locations.project_themes_dir()}  {locations.user_themes_dir()}")
+    print(f"themes:        {locations.builtin_themes_dir()}  {locations.user_themes_dir()}")
     print(f"logs:          {locations.logs_dir()}")
     return EXIT_OK
 

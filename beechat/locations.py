@@ -45,12 +45,9 @@ def exports_dir() -> Path:
     return data_dir() / "exports"
 
 
-def project_themes_dir() -> Path:
-    """`themes/` next to the package (a source checkout) or in the working directory."""
-    beside_package = Path(__file__).resolve().parent.parent / "themes"
-    if beside_package.is_dir():
-        return beside_package
-    return Path.cwd() / "themes"
+def builtin_themes_dir() -> Path:
+    """The theme files that ship inside the package (beechat/themes, package data)."""
+    return Path(__file__).resolve().parent / "themes"
 
 
 def config_search_path(explicit: str | os.PathLike[str] | None = None) -> list[tuple[str, Path]]:

@@ -52,7 +52,6 @@ from beechat.engine.events import (
     StatsUpdate,
 )
 
-STATS_INTERVAL_S = 0.2  # live StatsUpdate at most this often
 PROBE_READ_TIMEOUT_S = 5.0  # /props, /metrics, /slots, /tokenize
 CANCEL_POLL_S = 0.05
 ERROR_BODY_LIMIT = 64 * 1024
@@ -330,7 +329,6 @@ class _Reply:
     finish: str | None = None
     done_marker: bool = False
     exact_tokens: bool = False  # token count from the server's own numbers
-    last_stats_at: float = 0.0
 
     @property
     def text(self) -> str:
@@ -681,9 +679,7 @@ class OpenAIBackend:
         if text:
             reply.parts.append(text)
             yield Chunk(text=text, n_tokens=new_tokens, from_draft=False)
-        now = time.monotonic()
-        if (text or timings is not None) and now - reply.last_stats_at >= STATS_INTERVAL_S:
-            reply.last_stats_at = now
+        if text or timings is not None:  # a snapshot per chunk; the TUI throttles what it shows
             yield StatsUpdate(self._live_stats(reply))
 
     @staticmethod

@@ -2,20 +2,21 @@
 
 All blocking work runs in thread workers that never touch widgets: `_load_model` (close the old
 backend, then load the new one) and `_generate` (ChatSession.send / reply, which also saves to the
-store). They reach the UI only through the messages declared on `BeechatApp`; token messages are
-never coalesced, stats and load-progress messages are. `create_app` is the one way to build the app
-(the CLI and the tests both use it).
+store). They reach the UI through the messages declared on `BeechatApp`, except the streamed reply itself:
+`_generate` adds its text and stats to the reply's `ReplyFeed`, which the UI drains once a frame
+(text) and once every STATS_INTERVAL_S (stats: the one place live stats are throttled), so a fast
+model costs the UI a bounded amount of work, not a message per token. `create_app` is the one way
+to build the app (the CLI and the tests both use it).
 """
 
 from __future__ import annotations
 
 import gc
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import ClassVar, Final
+from typing import Any, ClassVar, Final
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -24,12 +25,13 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Footer
 from textual.worker import Worker, WorkerState
 
 from beechat import locations
 from beechat.backends.base import Backend, BackendError, ModelInfo, create_backend
-from beechat.config import Config, ConfigError, ModelFileError, Profile
+from beechat.config import Config, ConfigError, ModelFileError, Profile, Sampling
 from beechat.engine.events import Chunk, Done, Event, Notice, Stats, StatsUpdate
 from beechat.session import ChatSession
 from beechat.store import Conversation, Store, StoreError, default_store
@@ -42,6 +44,7 @@ from beechat.tui.widgets import (
     ConversationSidebar,
     LoadBar,
     PromptInput,
+    ReplyFeed,
     ReplyView,
     StatsPanel,
     StatusLine,
@@ -49,7 +52,7 @@ from beechat.tui.widgets import (
 )
 
 BackendFactory = Callable[[Profile], Backend]
-STATS_INTERVAL_S: Final = 0.1  # the generate worker posts at most this many stats snapshots a second
+STATS_INTERVAL_S: Final = 0.1  # live stats are shown at most this often (the only live-stats throttle)
 DEFAULT_THEME: Final = "textual-dark"
 EXPORT_NAME_ATTEMPTS: Final = 1000
 NO_FULL_GC: Final = 1_000_000  # a generation-2 threshold that is never reached
@@ -111,25 +114,6 @@ class BeechatApp(App[int]):
     """Whether replies show their accepted-draft tokens highlighted."""
 
     # -- messages from the workers --------------------------------------------------------------
-    class ReplyChunk(Message):
-        """Text of the reply being generated. Never coalesced: every token counts."""
-
-        def __init__(self, text: str, n_tokens: int, from_draft: bool) -> None:
-            super().__init__()
-            self.text = text
-            self.n_tokens = n_tokens
-            self.from_draft = from_draft
-
-    class ReplyStats(Message):
-        """A live stats snapshot; a newer one still queued replaces it."""
-
-        def __init__(self, stats: Stats) -> None:
-            super().__init__()
-            self.stats = stats
-
-        def can_replace(self, message: Message) -> bool:
-            return isinstance(message, BeechatApp.ReplyStats)
-
     class ReplyNotice(Message):
         """Something to tell the user that does not end the reply (e.g. context overflow)."""
 
@@ -194,6 +178,7 @@ class BeechatApp(App[int]):
         backend_factory: BackendFactory,
         theme_dirs: Sequence[Path],
         max_tokens: int | None = None,
+        sampling_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -207,6 +192,9 @@ class BeechatApp(App[int]):
         self.conversation_id: int | None = None
         """The conversation shown; None until the first message of a new one is saved."""
         self.max_tokens = max_tokens
+        """The reply length limit (`--max-tokens`); None: the profile's."""
+        self.sampling_overrides = {k: v for k, v in (sampling_overrides or {}).items() if v is not None}
+        """Sampling settings from the command line (`--temperature`, `--seed`), over every profile's."""
         self.load_error: str | None = None
         self.applied_keymap: dict[str, str] = {}
         self._backend_factory = backend_factory
@@ -215,6 +203,7 @@ class BeechatApp(App[int]):
         self._generation_idle = threading.Event()  # set while no generate worker runs
         self._generation_idle.set()
         self._active_reply: ReplyView | None = None
+        self._stats_timer: Timer | None = None  # shows live stats while a reply streams
         self._quit_when_idle = False
         self._exiting = False
         self._reported_clashes: set[str] = set()
@@ -275,7 +264,8 @@ class BeechatApp(App[int]):
             self.theme = name
         else:
             self.theme = DEFAULT_THEME
-            self.notify(f"theme {name!r} not found (built-in themes, themes/*.toml); using {DEFAULT_THEME}",
+            self.notify(f"theme {name!r} not found (built-in themes, {locations.user_themes_dir()}); "
+                        f"using {DEFAULT_THEME}",
                         title="Theme", severity="warning", timeout=10)
 
     def _apply_keymap(self, keys: Mapping[str, str]) -> None:
@@ -405,31 +395,30 @@ class BeechatApp(App[int]):
         await self.query_one(ChatView).add_reply(reply)
         self._active_reply = reply
         self.query_one(StatsPanel).start_reply()
-        self._generate(self.session, prompt, self._cancel)
+        self._stats_timer = self.set_interval(STATS_INTERVAL_S, self._show_live_stats)
+        sampling = self.session.profile.sampling.with_overrides(**self.sampling_overrides)
+        self._generate(self.session, prompt, sampling, self._cancel, reply.feed)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="generate")
-    def _generate(self, session: ChatSession, prompt: str | None, cancel: threading.Event) -> None:
-        """Stream one reply (the session saves it as it grows); report through messages only."""
-        last_stats_at = float("-inf")
+    def _generate(self, session: ChatSession, prompt: str | None, sampling: Sampling, cancel: threading.Event,
+                  feed: ReplyFeed) -> None:
+        """Stream one reply (the session saves it as it grows); text and stats go to `feed`,
+        everything else through messages."""
 
         def on_event(event: Event) -> None:
-            nonlocal last_stats_at
             if isinstance(event, Chunk):
-                self.post_message(self.ReplyChunk(event.text, event.n_tokens, event.from_draft))
+                feed.add_text(event.text, event.from_draft)
             elif isinstance(event, StatsUpdate):
-                now = time.monotonic()
-                if now - last_stats_at >= STATS_INTERVAL_S:
-                    last_stats_at = now
-                    self.post_message(self.ReplyStats(event.stats))
+                feed.set_stats(event.stats)
             elif isinstance(event, Notice):
                 self.post_message(self.ReplyNotice(event.message))
 
         try:
             if prompt is None:
                 session.pop_last_reply()
-                done = session.reply(None, cancel, self.max_tokens, on_event)
+                done = session.reply(sampling, cancel, self.max_tokens, on_event)
             else:
-                done = session.send(prompt, None, cancel, self.max_tokens, on_event)
+                done = session.send(prompt, sampling, cancel, self.max_tokens, on_event)
         except Exception as exc:  # the store or the backend broke: end the reply with the reason
             done = Done(text="", stats=Stats(), finish_reason="error", error=one_line_error(exc))
         finally:
@@ -441,18 +430,14 @@ class BeechatApp(App[int]):
         """Whether the app is shutting down (late worker messages are then ignored)."""
         return self._exiting or not self.is_running
 
-    @on(ReplyChunk)
-    def _reply_chunk(self, message: ReplyChunk) -> None:
-        if self._active_reply is not None:
-            self._active_reply.add_chunk(message.text, message.from_draft)
-
-    @on(ReplyStats)
-    def _reply_stats(self, message: ReplyStats) -> None:
-        if self.closing:
+    def _show_live_stats(self) -> None:
+        """Show the latest stats snapshot of the reply being generated (every STATS_INTERVAL_S)."""
+        reply = self._active_reply
+        stats = reply.feed.take_stats() if reply is not None else None
+        if stats is None or self.closing or reply is None:
             return
-        if self._active_reply is not None:
-            self._active_reply.show_live_stats(message.stats)
-        self.query_one(StatsPanel).record(message.stats)
+        reply.show_live_stats(stats)
+        self.query_one(StatsPanel).record(stats)
 
     @on(ReplyNotice)
     def _reply_notice(self, message: ReplyNotice) -> None:
@@ -461,8 +446,16 @@ class BeechatApp(App[int]):
         self.notify(message.text, title="Note", severity="warning", timeout=8)
 
     @on(ReplyFinished)
+    def _reply_finished_message(self, message: ReplyFinished) -> None:
+        # in a worker: the rest of a long reply may take several frames to show, and the app
+        # keeps handling keys meanwhile (`generating` stays set until the reply is complete)
+        self.run_worker(self._reply_finished(message), group="finish", exit_on_error=False)
+
     async def _reply_finished(self, message: ReplyFinished) -> None:
         reply, self._active_reply = self._active_reply, None
+        if self._stats_timer is not None:
+            self._stats_timer.stop()
+            self._stats_timer = None
         done = message.done
         if self.closing:
             return
@@ -910,9 +903,11 @@ def create_app(
     backend_factory: BackendFactory | None = None,
     theme_dirs: Sequence[Path] | None = None,
     max_tokens: int | None = None,
+    sampling_overrides: Mapping[str, Any] | None = None,
 ) -> BeechatApp:
     """Build the app. `store` None with `save` opens the user's database (closed on exit);
-    `backend_factory` defaults to the real backends; `theme_dirs` to themes/ and the user's themes."""
+    `backend_factory` defaults to the real backends; `theme_dirs` to the built-in and the user's
+    themes; `max_tokens` and `sampling_overrides` (None values ignored) apply to every reply."""
     owns_store = False
     if store is None and save:
         store, owns_store = default_store(), True
@@ -923,8 +918,9 @@ def create_app(
         owns_store=owns_store,
         backend_factory=backend_factory or engine_process_backend,
         theme_dirs=theme_dirs if theme_dirs is not None else
-        [locations.project_themes_dir(), locations.user_themes_dir()],
+        [locations.builtin_themes_dir(), locations.user_themes_dir()],
         max_tokens=max_tokens,
+        sampling_overrides=sampling_overrides,
     )
 
 
@@ -934,8 +930,9 @@ def engine_process_backend(profile: Profile) -> Backend:
     return create_backend(profile, own_process=True)
 
 
-def run_tui(config: Config, profile: Profile, save: bool = True) -> int:
+def run_tui(config: Config, profile: Profile, save: bool = True, max_tokens: int | None = None,
+            sampling_overrides: Mapping[str, Any] | None = None) -> int:
     """Run the TUI until the user quits; the exit code."""
-    app = create_app(config, profile, save=save)
+    app = create_app(config, profile, save=save, max_tokens=max_tokens, sampling_overrides=sampling_overrides)
     app.run()
     return app.return_code or 0

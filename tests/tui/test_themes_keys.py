@@ -22,7 +22,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "tui.md"
 
 
 def test_project_theme_files_are_valid() -> None:
-    loaded = load_theme_dirs([locations.project_themes_dir()])
+    loaded = load_theme_dirs([locations.builtin_themes_dir()])
     assert loaded.problems == []
     assert {"beechat-honey", "beechat-meadow"} <= {theme.name for theme in loaded.themes}
 
@@ -50,7 +50,7 @@ async def test_theme_files_are_registered_and_broken_ones_reported(tmp_path: Pat
     (themes / "good.toml").write_text(GOOD_THEME)
     (themes / "broken.toml").write_text(BROKEN_THEME)
     app = create_app(make_config(theme="test-good"), store=store, backend_factory=FakeBackendFactory(),
-                     theme_dirs=[locations.project_themes_dir(), locations.user_themes_dir()])
+                     theme_dirs=[locations.builtin_themes_dir(), locations.user_themes_dir()])
     async with app.run_test(size=SIZE) as pilot:
         await wait_ready(pilot)
         assert "test-good" in app.available_themes and "beechat-honey" in app.available_themes

@@ -1,6 +1,6 @@
 """Widgets of the beechat TUI."""
 
-from beechat.tui.widgets.chat import ChatView, DraftTokensView, ReplyView, UserMessage
+from beechat.tui.widgets.chat import ChatView, DraftTokensView, ReplyFeed, ReplyView, UserMessage
 from beechat.tui.widgets.prompt import PromptInput
 from beechat.tui.widgets.sidebar import ConversationSidebar
 from beechat.tui.widgets.stats import StatsPanel
@@ -12,6 +12,7 @@ __all__ = [
     "DraftTokensView",
     "LoadBar",
     "PromptInput",
+    "ReplyFeed",
     "ReplyView",
     "StatsPanel",
     "StatusLine",

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.geometry import Size
 from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Collapsible, Label, Markdown, Static
-from textual.widgets.markdown import MarkdownStream
 
 from beechat.engine.events import Done, Stats
 from beechat.format import percent, rate, stats_line
 from beechat.store import StoredMessage
 from beechat.tui.reasoning import ReasoningSplitter, split_reply
 
-FLUSH_INTERVAL_S: Final = 1 / 30  # streamed text reaches the Markdown at most this often
-PART_CHARS: Final = 1500  # a streamed Markdown document is continued in a new part past this size
+FLUSH_INTERVAL_S: Final = 1 / 20  # streamed text reaches the Markdown at most this often (a frame)
+PART_CHARS: Final = 600  # a streamed Markdown document is continued in a new part past this size
+IDLE_SHARE: Final = 0.5  # after a write, the UI is left idle at least this share of the time it took
+FRAME_CHARS: Final = 1000  # the most streamed text written to the Markdown in one frame (a backlog
+#                           is caught up over several frames, so no frame does unbounded work)
+PARK_INTERVAL_S: Final = 0.5  # how often the chat looks for content far above the view to park
+PARKED: Final = "-parked"  # the class of a parked widget (its children are not displayed)
 _FENCE = re.compile(r"^ {0,3}(?:`{3,}|~{3,})", re.MULTILINE)
 REASONING_TITLE: Final = "Reasoning"
 REASONING_LIVE_TITLE: Final = "Reasoning (thinking…)"
@@ -40,6 +48,45 @@ class TokenRun:
 
     text: str
     from_draft: bool
+
+
+class ReplyFeed:
+    """Hands a reply from the thread that generates it to the UI without a message per token.
+
+    The generating thread adds text and stats as the backend yields them; the UI takes what
+    accumulated once a frame (text) or once a stats interval (stats). Text is never dropped
+    (consecutive text of one source is merged); stats keep only the latest snapshot.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: list[TokenRun] = []
+        self._stats: Stats | None = None
+
+    def add_text(self, text: str, from_draft: bool) -> None:
+        if not text:
+            return
+        with self._lock:
+            if self._runs and self._runs[-1].from_draft == from_draft:
+                self._runs[-1].text += text
+            else:
+                self._runs.append(TokenRun(text, from_draft))
+
+    def set_stats(self, stats: Stats) -> None:
+        with self._lock:
+            self._stats = stats
+
+    def take_text(self) -> list[TokenRun]:
+        """The text added since the last call, in order."""
+        with self._lock:
+            runs, self._runs = self._runs, []
+        return runs
+
+    def take_stats(self) -> Stats | None:
+        """The latest snapshot added since the last call, or None."""
+        with self._lock:
+            stats, self._stats = self._stats, None
+        return stats
 
 
 class UserMessage(Vertical):
@@ -99,17 +146,17 @@ class MarkdownPart(Markdown):
 
 
 class StreamingMarkdown(Vertical):
-    """Markdown fed through `Markdown.get_stream()`, continued in a new part (a new Markdown widget)
-    at a block boundary once a part passes PART_CHARS.
+    """Markdown written in appends, continued in a new part (a new Markdown widget) at a block
+    boundary once a part passes PART_CHARS.
 
     Textual lays out every block of a Markdown widget again whenever the widget grows; with parts,
     only the last (small) part grows, the finished ones keep their cached layout, so a long reply
-    streams at a steady frame rate.
+    streams at a steady frame rate. Each `write` returns once its text is in the document (the
+    caller paces the writes; nothing is queued here).
     """
 
     def __init__(self, *, classes: str | None = None) -> None:
         super().__init__(classes=classes)
-        self._stream: MarkdownStream | None = None
         self._part_text = ""  # what was written to the last part
 
     def compose(self) -> ComposeResult:
@@ -132,7 +179,6 @@ class StreamingMarkdown(Vertical):
             if cut is None:
                 break
             await self._write_part(text[:cut - written])
-            await self.stop()
             await self.mount(MarkdownPart(classes="markdown-part"))
             self._part_text = ""
             text = text[cut - written:]
@@ -141,20 +187,11 @@ class StreamingMarkdown(Vertical):
     async def _write_part(self, text: str) -> None:
         if not text:
             return
-        if self._stream is None:
-            self._stream = Markdown.get_stream(self.parts[-1])
         self._part_text += text
-        await self._stream.write(text)
-
-    async def stop(self) -> None:
-        """Finish the stream: everything written is in the document afterwards."""
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            await stream.stop()
+        await self.parts[-1].append(text)
 
     async def show(self, text: str) -> None:
         """Replace the document with `text` (not streamed)."""
-        await self.stop()
         first, *rest = self.parts
         if rest:
             await self.remove_children(rest)
@@ -166,8 +203,9 @@ class ReplyView(Vertical):
     """One assistant reply: reasoning (collapsed, marked), the answer as Markdown, a variant with
     draft tokens highlighted, and the reply's stats line, which stays attached to it.
 
-    While streaming, `add_chunk` only queues text; a timer writes the queue to the Markdown
-    streams once per frame, so a 500 tok/s reply costs about 30 Markdown appends a second.
+    While streaming, a timer takes the text that arrived in its `feed` once per frame and appends
+    it to the Markdown (at most FRAME_CHARS a frame), so a 500 tok/s reply costs at most 20 Markdown
+    appends a second, and a frame that runs late is skipped rather than queued.
     """
 
     def __init__(
@@ -181,8 +219,11 @@ class ReplyView(Vertical):
         complete: bool = True,
         streaming: bool = False,
         show_reasoning: bool = False,
+        feed: ReplyFeed | None = None,
     ) -> None:
         super().__init__(classes="-no-reasoning")
+        self.feed = feed or ReplyFeed()
+        """Where the text of a streaming reply arrives (from any thread)."""
         self.author = author
         self.runs: list[TokenRun] = [TokenRun(text, False)] if text else []
         self.stats = stats
@@ -195,6 +236,7 @@ class ReplyView(Vertical):
         self._splitter = ReasoningSplitter()
         self._flush_timer: Timer | None = None
         self._lock = asyncio.Lock()  # the flush timer and finish() never write at the same time
+        self._next_write_at = 0.0  # monotonic time before which the flush timer does not write
 
     @property
     def text(self) -> str:
@@ -217,8 +259,12 @@ class ReplyView(Vertical):
         self._show_stats_line()
 
     # -- streaming -----------------------------------------------------------------------------
-    def add_chunk(self, text: str, from_draft: bool) -> None:
-        """Queue streamed text; it is shown at the next flush."""
+    def _take_feed(self) -> None:
+        """Move the text that arrived in the feed into the reply (shown at the next write)."""
+        for run in self.feed.take_text():
+            self._add_text(run.text, run.from_draft)
+
+    def _add_text(self, text: str, from_draft: bool) -> None:
         if not text:
             return
         if self.runs and self.runs[-1].from_draft == from_draft:
@@ -234,18 +280,22 @@ class ReplyView(Vertical):
         self.query_one(".reply-stats", Static).update(live_caption(stats), layout=False)
 
     async def finish(self, done: Done) -> None:
-        """Write what is left, close the Markdown streams and show the final stats."""
+        """Show what is left (a frame's worth at a time, like the stream) and the final stats."""
+        self._take_feed()
         if done.text != self.text and done.text.startswith(self.text):
-            self.add_chunk(done.text[len(self.text):], False)  # text the events did not carry
+            self._add_text(done.text[len(self.text):], False)  # text the events did not carry
+        while self.is_attached:
+            async with self._lock:
+                await self._write_pending(final=False)
+                if not self._pending:
+                    if self._flush_timer is not None:
+                        self._flush_timer.stop()
+                        self._flush_timer = None
+                    await self._write_pending(final=True)  # what the reasoning splitter held back
+                    break
+            await asyncio.sleep(max(FLUSH_INTERVAL_S, self._next_write_at - time.monotonic()))
         if not self.is_attached:  # the app is closing
             return
-        async with self._lock:
-            if self._flush_timer is not None:
-                self._flush_timer.stop()
-                self._flush_timer = None
-            await self._write_pending(final=True)
-            await self.answer.stop()
-            await self.reasoning.stop()
         self.streaming = False
         self.stats = done.stats
         self.finish_reason = done.finish_reason
@@ -255,13 +305,27 @@ class ReplyView(Vertical):
         self._show_stats_line()
 
     async def _flush(self) -> None:
+        if time.monotonic() < self._next_write_at:
+            return
         async with self._lock:
             if self.streaming and self.is_attached:
+                self._take_feed()
                 await self._write_pending(final=False)
 
+    def _paced(self, started: float) -> None:
+        """After a write has been laid out and painted: leave the UI idle for IDLE_SHARE of what
+        it took before the next write, so keys are answered promptly however slow the frame was."""
+        took = time.monotonic() - started
+        self._next_write_at = time.monotonic() + took * IDLE_SHARE / (1 - IDLE_SHARE)
+
     async def _write_pending(self, final: bool) -> None:
+        """Write up to FRAME_CHARS of the queued text (all of it when `final`)."""
+        started = time.monotonic()
         text = "".join(self._pending)
         self._pending.clear()
+        if not final and len(text) > FRAME_CHARS:
+            text, rest = text[:FRAME_CHARS], text[FRAME_CHARS:]
+            self._pending.append(rest)
         segments = self._splitter.feed(text) if text else []
         if final:
             segments.extend(self._splitter.finish())
@@ -274,6 +338,7 @@ class ReplyView(Vertical):
             else:  # the answer so far was reasoning after all: start the answer again
                 await self.answer.show("")
         if text or segments:
+            self.call_after_refresh(self._paced, started)
             collapsible = self.query_one(Collapsible)
             collapsible.title = REASONING_LIVE_TITLE if self._splitter.in_reasoning else REASONING_TITLE
             draft_tokens = self.query_one(DraftTokensView)
@@ -334,7 +399,27 @@ def reply_caption(stats: Stats | None, finish_reason: str | None, error: str | N
 
 
 class ChatView(VerticalScroll):
-    """The conversation, anchored to the newest message while the user does not scroll up."""
+    """The conversation, anchored to the newest message while the user does not scroll up.
+
+    Parking: Textual lays out every widget of the screen whenever one of them changes size, so a
+    streamed reply would cost more per frame the longer the conversation gets (every block of
+    every Markdown message is a widget). While the view is at the bottom, messages and finished
+    Markdown parts that lie more than a screen above it are parked: they keep their height but
+    their children are not displayed, so layout skips them. Scrolling up, a resize, or any change
+    to the messages brings everything back first, so a parked widget is never seen.
+    """
+
+    DEFAULT_CSS = """
+    ChatView .-parked > * {
+        display: none !important;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._parked: list[Widget] = []
+        self._parked_at: Size | None = None  # the view's size when the parked widgets were measured
+        self._scrolled_away = False  # the user scrolled up and has not come back to the bottom
 
     def compose(self) -> ComposeResult:
         yield Static(WELCOME, classes="chat-welcome")
@@ -345,6 +430,69 @@ class ChatView(VerticalScroll):
 
     def on_mount(self) -> None:
         self.anchor()
+        self.set_interval(PARK_INTERVAL_S, self.park_offscreen)
+
+    # -- parking -------------------------------------------------------------------------------
+    @property
+    def parked(self) -> list[Widget]:
+        """The widgets parked now."""
+        return list(self._parked)
+
+    def _parkable(self) -> Iterator[Widget]:
+        """Messages that no longer change, and the finished Markdown parts of a streaming reply."""
+        for message in self.query_children("UserMessage, ReplyView"):
+            if isinstance(message, ReplyView) and message.streaming:
+                for stream in message.query(StreamingMarkdown):
+                    yield from stream.parts[:-1]
+            else:
+                yield message
+
+    def park_offscreen(self) -> int:
+        """Park what lies wholly more than a screen above the view, if the view is at the bottom;
+        returns how many widgets were parked."""
+        height = self.scrollable_content_region.height
+        if not self.is_anchored or self._scrolled_away or height <= 0 or self.scroll_y < self.max_scroll_y:
+            return 0
+        if self._parked_at is not None and self._parked_at != self.size:
+            self.unpark_all()
+        limit = self.scrollable_content_region.y - height  # screen row: parked widgets end above it
+        parked = 0
+        for widget in self._parkable():
+            region = widget.region
+            if widget.has_class(PARKED) or not region or region.bottom >= limit:
+                continue
+            widget.styles.height = widget.outer_size.height
+            widget.add_class(PARKED)
+            self._parked.append(widget)
+            parked += 1
+        if parked:
+            self._parked_at = self.size
+        return parked
+
+    def unpark_all(self) -> None:
+        """Show every parked widget again (with its own height)."""
+        parked, self._parked, self._parked_at = self._parked, [], None
+        for widget in parked:
+            widget.remove_class(PARKED)
+            widget.styles.height = None  # back to the stylesheet's height
+
+    def release_anchor(self) -> None:
+        """The user scrolls: what was parked must be there to be seen (nothing is parked again
+        until the view is back at the bottom)."""
+        self._scrolled_away = True
+        self.unpark_all()
+        super().release_anchor()
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        if new_value < old_value and self._parked:  # any upward scroll, the user's or not
+            self.unpark_all()
+        if new_value >= self.max_scroll_y:
+            self._scrolled_away = False
+        super().watch_scroll_y(old_value, new_value)
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self._parked and event.size != self._parked_at:
+            self.unpark_all()
 
     @property
     def replies(self) -> list[ReplyView]:
@@ -370,6 +518,7 @@ class ChatView(VerticalScroll):
 
     async def show_messages(self, messages: Sequence[StoredMessage], show_reasoning: bool) -> None:
         """Replace the log with stored messages (a resumed conversation); system messages are skipped."""
+        self.unpark_all()
         await self.clear_messages()
         widgets: list[Widget] = []
         for message in messages:
@@ -388,11 +537,13 @@ class ChatView(VerticalScroll):
         self.anchor()
 
     async def clear_messages(self) -> None:
+        self.unpark_all()
         await self.query_children("UserMessage, ReplyView").remove()
         self._update_welcome()
 
     async def remove_last(self, widget_type: type[UserMessage] | type[ReplyView]) -> bool:
         """Remove the last message widget if it is of `widget_type`."""
+        self.unpark_all()
         messages = list(self.query_children("UserMessage, ReplyView"))
         if not messages or not isinstance(messages[-1], widget_type):
             return False
@@ -401,11 +552,13 @@ class ChatView(VerticalScroll):
         return True
 
     def set_reasoning_expanded(self, expanded: bool) -> None:
+        self.unpark_all()
         for reply in self.replies:
             reply.set_reasoning_expanded(expanded)
 
     def set_draft_highlight(self, highlight: bool) -> None:
         """Show replies as raw text with accepted-draft tokens highlighted, or as Markdown."""
+        self.unpark_all()
         self.set_class(highlight, "-draft-highlight")
         if highlight:
             for view in self.query(DraftTokensView):

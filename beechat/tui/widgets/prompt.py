@@ -54,11 +54,21 @@ class PromptInput(TextArea):
         self.load_text(text)
         self.move_cursor(self.document.end)
 
+    # Send and newline are priority bindings (TextArea would take Enter itself), so the app runs
+    # them as soon as the key arrives, while keys that came just before it in the same burst
+    # (tmux send-keys "text" Enter, a macro) still wait in this widget's queue. Both actions
+    # therefore queue their work behind those keys: what was typed first lands first.
     def action_submit(self) -> None:
+        self.call_later(self._submit)
+
+    def action_newline(self) -> None:
+        self.call_later(self._insert_newline)
+
+    def _submit(self) -> None:
         if self.text.strip():
             self.post_message(self.Submitted(self, self.text))
 
-    def action_newline(self) -> None:
+    def _insert_newline(self) -> None:
         start, end = self.selection
         self.replace("\n", start, end, maintain_selection_offset=False)
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Final
 
-from textual.app import ComposeResult
+from rich.color import Color as RichColor
+from rich.segment import Segment
+from rich.style import Style
+from textual.app import ComposeResult, RenderResult
+from textual.color import Color
 from textual.containers import Horizontal, VerticalScroll
 from textual.reactive import reactive
 from textual.widgets import Label, ProgressBar, Sparkline
@@ -14,6 +19,53 @@ from beechat.engine.events import Stats
 from beechat.format import NA, human_bytes, percent, rate
 
 HISTORY_LIMIT: Final = 240  # sparkline samples kept per reply
+BARS: Final = "▁▂▃▄▅▆▇█"
+
+
+class ZeroBasedSparkline(Sparkline):
+    """A sparkline whose bars measure from zero: a steady value draws a steady bar at its height,
+    not a flat line at the bottom (Textual's Sparkline scales from the smallest sample to the
+    largest, so 100% acceptance all along looked like 0%). `ceiling` fixes the top of the scale
+    (1.0 for a fraction); without it the largest sample is the top."""
+
+    def __init__(self, *, ceiling: float | None = None, summary_function: Callable[[Sequence[float]], float],
+                 id: str | None = None) -> None:
+        super().__init__([], summary_function=summary_function, id=id)
+        self.ceiling = ceiling
+
+    def render(self) -> RenderResult:
+        _, base = self.background_colors
+        low = base + self.get_component_styles("sparkline--min-color").color
+        high = base + self.get_component_styles("sparkline--max-color").color
+        return ZeroBasedBars(list(self.data or []), self.size.width, self.ceiling, self.summary_function, low, high)
+
+
+class ZeroBasedBars:
+    """One line of bars, each the summary of its share of `data`, scaled from 0 to the ceiling."""
+
+    def __init__(self, data: list[float], width: int, ceiling: float | None,
+                 summary: Callable[[Sequence[float]], float], low: Color, high: Color) -> None:
+        self.data, self.width, self.ceiling, self.summary = data, width, ceiling, summary
+        self.low, self.high = low, high
+
+    def bars(self) -> list[tuple[str, float]]:
+        """(bar character, height 0..1) per column; no data: the bottom line, as Textual draws it."""
+        data, width = self.data, max(0, self.width)
+        if not data:
+            return [(BARS[0], 0.0)] * width
+        top = self.ceiling if self.ceiling is not None else max(data)
+        columns: list[tuple[str, float]] = []
+        for column in range(width):
+            start = column * len(data) // width
+            end = max(start + 1, (column + 1) * len(data) // width)
+            value = self.summary(data[start:end])
+            height = min(1.0, max(0.0, value / top)) if top > 0 else 0.0
+            columns.append((BARS[round(height * (len(BARS) - 1))], height))
+        return columns
+
+    def __rich_console__(self, console: object, options: object) -> list[Segment]:
+        return [Segment(bar, Style(color=RichColor.from_rgb(*self.low.blend(self.high, height).rgb)))
+                for bar, height in self.bars()]
 
 
 class StatRow(Horizontal):
@@ -22,13 +74,16 @@ class StatRow(Horizontal):
     def __init__(self, name: str, *, id: str) -> None:
         super().__init__(id=id, classes="stat-row")
         self.stat_name = name
+        self.value = NA
 
     def compose(self) -> ComposeResult:
         yield Label(self.stat_name, classes="stat-name")
         yield Label(NA, classes="stat-value")
 
     def set_value(self, value: str) -> None:
-        self.query_one(".stat-value", Label).update(value, layout=False)  # one line, fixed width
+        if value != self.value:  # live stats arrive ten times a second; most rows stay the same
+            self.value = value
+            self.query_one(".stat-value", Label).update(value, layout=False)  # one line, fixed width
 
 
 class StatsPanel(VerticalScroll):
@@ -55,11 +110,11 @@ class StatsPanel(VerticalScroll):
         yield StatRow("speculation", id="stat-speculation")
         yield Label("Reply", classes="panel-title")
         yield StatRow("decode", id="stat-decode")
-        yield Sparkline([], id="decode-sparkline", summary_function=max)
+        yield ZeroBasedSparkline(id="decode-sparkline", summary_function=max)
         yield StatRow("prefill", id="stat-prefill")
         yield StatRow("drafted", id="stat-drafted")
         yield StatRow("acceptance", id="stat-acceptance")
-        yield Sparkline([], id="acceptance-sparkline", summary_function=min)
+        yield ZeroBasedSparkline(id="acceptance-sparkline", summary_function=min, ceiling=1.0)
         yield StatRow("mean run", id="stat-mean-run")
         yield StatRow("draft len", id="stat-draft-len")
         yield Label("Memory", classes="panel-title")
@@ -146,5 +201,5 @@ class StatsPanel(VerticalScroll):
 
 
 def sparkline_data(samples: list[float]) -> list[float]:
-    """Samples for a Sparkline; one sample is drawn as a flat line, not a full bar."""
-    return samples * 2 if len(samples) == 1 else list(samples)
+    """The samples a sparkline draws (a copy: the history keeps growing)."""
+    return list(samples)
