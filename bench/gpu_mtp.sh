@@ -46,7 +46,7 @@ if [ -x "$LBIN/llama-speculative-simple" ]; then
   P="Write a detailed explanation of how speculative decoding works in large language models, with an example in Python code and a discussion of acceptance rates."
   for n in ${LCPP_DRAFT:-4 8}; do
     echo "== llama-speculative-simple draft-mtp --draft-max $n" | tee -a "$OUT/lcpp_mtp.txt"
-    "$LBIN/llama-speculative-simple" -m $M/mtp27b.gguf --spec-type draft-mtp --draft-max $n -n $TOKENS \
+    "$LBIN/llama-speculative-simple" -m $M/mtp27b.gguf --spec-type draft-mtp --spec-draft-n-max $n --spec-draft-p-min 0 -n $TOKENS \
       -p "$P" -ngl 99 -fa on --temp 0 -c 4096 2>&1 | tee "$OUT/lcpp_mtp_$n.log" | grep -E "decoded|n_draft|n_predict|n_drafted|n_accept|accept|error|failed" \
       | tee -a "$OUT/lcpp_mtp.txt"
   done

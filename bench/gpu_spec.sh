@@ -47,7 +47,7 @@ cpp_spec() {  # NAME TARGET DRAFT N_MAX...
   for n in "$@"; do
     echo "-- llama-speculative-simple $name n_max=$n"
     $LBIN/llama-speculative-simple -m $t -md $d -ngl 99 -ngld 99 -c 4096 -fa on -n $TOKENS --temp 0 \
-      --spec-draft-n-max $n --spec-draft-p-min 0 -p "$PROMPT" > $RES/cpp_spec_${name}_$n.log 2>&1
+      --spec-type draft-simple --spec-draft-n-max $n --spec-draft-p-min 0 -p "$PROMPT" > $RES/cpp_spec_${name}_$n.log 2>&1
     grep -E "decoded|n_drafted|n_accept|accept " $RES/cpp_spec_${name}_$n.log || tail -5 $RES/cpp_spec_${name}_$n.log
   done
 }
