@@ -3,9 +3,9 @@
 For each profile (plain, then speculative) it runs, turn by turn and alternating, `beechat ask --json`
 in its own process and the real app headless (Textual's run_test, driven as a user drives it: a
 new conversation, the prompt, Enter), same profile, prompt and reply length, greedy. Each reply's
-decode rate is the engine's own record (Stats: tokens after the first emission over the time from
-the first to the last token); the per-profile figure is all those tokens over all that time, the
-same clock for both. The app uses whatever backend it builds for the profile (in-process or an
+decode rate is the engine's own record (Stats.decode_tps: all the reply's tokens over all the time
+since its prompt was in the cache); the per-profile figure is all those tokens over all that time,
+the same clock for both. The app uses whatever backend it builds for the profile (in-process or an
 engine process): the bench measures what users get.
 
 CPU (the demo model; both profiles pinned to one llama.cpp thread):
@@ -56,7 +56,8 @@ class Reply:
 
     @property
     def decode_tokens(self) -> float:
-        """Tokens counted in decode_tps (those after the first emission)."""
+        """decode_tps weighted by the reply's first-to-last-token span, so that summing over replies gives
+        an all-replies rate; computed the same way for ask and the TUI."""
         return (self.decode_tps or 0.0) * (self.decode_s or 0.0)
 
     @classmethod

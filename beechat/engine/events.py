@@ -24,8 +24,8 @@ class ChatMessage(TypedDict):
 class Stats:
     """Per-reply statistics; `None` means "not known", never a made-up zero.
 
-    Definitions (docs/stats.md): decode tok/s = tokens emitted after the first / wall time from the
-    first to the last emitted token; acceptance = accepted / drafted; mean accepted length =
+    Definitions (docs/stats.md): decode tok/s = all tokens of the reply / the time from its prompt
+    being in the cache to its last token (server backends: after the first token); acceptance = accepted / drafted; mean accepted length =
     1 + accepted / passes (tokens emitted per target verification pass).
     """
 
