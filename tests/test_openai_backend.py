@@ -220,7 +220,9 @@ def test_server_killed_mid_stream(tmp_path: Path) -> None:
         assert done.error and "\n" not in done.error and "lost" in done.error
         assert done.text == "".join(seen) and len(seen) >= 3
         assert time.monotonic() - started < 30
-        # the backend stays usable: the next request ends cleanly with a one-line error
+        # the backend stays usable: the next request ends cleanly with a one-line error (once the
+        # killed server has exited, so its listening socket is closed rather than being torn down)
+        server.process.wait(timeout=10)
         _, after = run(victim, "Hello?")
         assert after.finish_reason == "error" and after.error is not None
         assert "connection refused" in after.error.lower() and "\n" not in after.error
