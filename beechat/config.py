@@ -44,6 +44,9 @@ class ModelFileError(Exception):
     """A model file that cannot be found or read; one-line message."""
 
 
+MIN_MESSAGE_ROOM = 16  # tokens of a message that must fit beside the system prompt and the reply reserve
+
+
 @dataclass(frozen=True, slots=True)
 class Sampling:
     temperature: float = 0.6
@@ -409,8 +412,10 @@ class _Validator:
             _set(kwargs, "n_threads", self.get_int(table, "n_threads", where, minimum=1))
             _set(kwargs, "n_batch", self.get_int(table, "n_batch", where, minimum=1))
             reserve = self.get_int(table, "reply_reserve", where, minimum=1)
-            if reserve is not None and isinstance(kwargs.get("n_ctx"), int) and reserve + 16 > kwargs["n_ctx"]:
-                raise self.fail((*where, "reply_reserve"), f"expected at most n_ctx - 16 ({kwargs['n_ctx'] - 16}) "
+            if (reserve is not None and isinstance(kwargs.get("n_ctx"), int)
+                    and reserve + MIN_MESSAGE_ROOM > kwargs["n_ctx"]):
+                raise self.fail((*where, "reply_reserve"), f"expected at most n_ctx - {MIN_MESSAGE_ROOM} "
+                                                           f"({kwargs['n_ctx'] - MIN_MESSAGE_ROOM}) "
                                                            f"to leave room for a message, got {reserve}")
             _set(kwargs, "reply_reserve", reserve)
             for key in ("cache_type_k", "cache_type_v"):

@@ -86,21 +86,23 @@ def test_outbox_sends_what_accumulated_merging_chunks_and_keeping_only_the_lates
     outbox.add(StatsUpdate(Stats(tokens=2)))
     outbox.add(Chunk(" wor", 1, from_draft=True))
     outbox.add(Chunk("ld", 1, from_draft=True))
-    outbox.add(Notice("context full"))
     outbox.add(StatsUpdate(Stats(tokens=4)))
     assert sent == []  # nothing is due yet
     clock.now = 0.02
     outbox.add(Chunk("!", 1))  # the interval passed: everything so far goes in one message
-    assert sent == [("events", 7, [Chunk("Hello", 2), Chunk(" world", 2, from_draft=True), Notice("context full"),
-                                   Chunk("!", 1), StatsUpdate(Stats(tokens=4))])]
+    assert sent == [("events", 7, [Chunk("Hello", 2), Chunk(" world", 2, from_draft=True), Chunk("!", 1),
+                                   StatsUpdate(Stats(tokens=4))])]
+    clock.now = 0.0201
+    outbox.add(Notice("context full"))  # not a token or stats: it goes at once, not seconds later
+    assert sent[1] == ("events", 7, [Notice("context full")])
     clock.now = 0.021
     outbox.add(Chunk("?", 1))
     done = Done(text="Hello world!?", stats=Stats(tokens=6), finish_reason="stop")
     outbox.add(done)  # Done goes out at once, with what was waiting
-    assert sent[1] == ("events", 7, [Chunk("?", 1), done])
-    assert outbox.batches_sent == 2
+    assert sent[2] == ("events", 7, [Chunk("?", 1), done])
+    assert outbox.batches_sent == 3
     outbox.flush()
-    assert len(sent) == 2  # nothing left to send
+    assert len(sent) == 3  # nothing left to send
 
 
 # -- the real engine process -----------------------------------------------------------------------
@@ -153,6 +155,18 @@ def test_cancel_ends_the_reply_and_the_engine_keeps_working(demo_model: Path) ->
         assert done.text == "".join(c.text for c in [*chunks, *rest] if isinstance(c, Chunk))
         again = list(backend.stream(COUNT, GREEDY, threading.Event(), 8))[-1]
         assert isinstance(again, Done) and again.finish_reason == "length" and again.text
+
+
+def test_a_cancel_sent_right_after_the_request_is_not_lost(demo_model: Path) -> None:
+    """Esc pressed at once: the cancel can reach the engine process before it has taken the stream
+    request off its queue; it must still stop that reply, not be dropped."""
+    with loaded(demo_profile(demo_model)) as backend:
+        for _ in range(3):
+            cancel = threading.Event()
+            cancel.set()
+            done = list(backend.stream(ESSAY, GREEDY, cancel, 2000))[-1]
+            assert isinstance(done, Done) and done.finish_reason == "cancelled"
+            assert done.stats.tokens < 100
 
 
 def test_an_abandoned_stream_is_stopped_and_the_next_one_is_clean(demo_model: Path) -> None:

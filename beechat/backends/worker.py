@@ -280,8 +280,13 @@ class WorkerBackend:
         with self._request_lock:
             if not self.alive or not self._send(("reset",)):
                 return
+            deadline = time.monotonic() + COUNT_TIMEOUT_S
             while True:
-                message = self._replies.get()
+                try:
+                    message = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:  # alive but stuck: end it rather than hang the caller
+                    self._kill()
+                    return
                 if message[0] in ("reset", "died"):
                     return
 

@@ -61,7 +61,8 @@ class Outbox:
             self.latest_stats = event.stats
         else:
             self._pending.append(event)
-        if isinstance(event, Done) or self._clock() - self._last_send >= self.interval_s:
+        # tokens and stats wait for the batch; anything else (a notice, the end) goes at once
+        if not isinstance(event, (Chunk, StatsUpdate)) or self._clock() - self._last_send >= self.interval_s:
             self.flush()
 
     def flush(self) -> None:
@@ -88,6 +89,8 @@ class Child:
         self._state_lock = threading.Lock()
         self._stream_id: int | None = None
         self._cancel: threading.Event | None = None
+        # a cancel can arrive before its stream request is taken off the queue: remember it
+        self._cancelled: set[int] = set()
         self._closing = threading.Event()
 
     def send(self, message: tuple[Any, ...]) -> None:
@@ -107,6 +110,8 @@ class Child:
                 with self._state_lock:
                     if self._cancel is not None and self._stream_id == message[1]:
                         self._cancel.set()
+                    else:
+                        self._cancelled.add(message[1])
             elif kind == "count":
                 self._count(message[1], message[2])
             elif kind == "close":
@@ -188,6 +193,9 @@ class Child:
         cancel = threading.Event()
         with self._state_lock:
             self._stream_id, self._cancel = stream_id, cancel
+            if stream_id in self._cancelled:
+                cancel.set()
+            self._cancelled = {i for i in self._cancelled if i > stream_id}
         if self._closing.is_set():
             cancel.set()
         outbox = Outbox(self.send, stream_id)

@@ -18,7 +18,7 @@ from typing import Literal
 import llama_cpp  # noqa: F401  # load ggml's libraries before numpy's OpenBLAS (docs/troubleshooting.md)
 import numpy as np
 
-from beechat.config import CACHE_TYPES, Sampling
+from beechat.config import CACHE_TYPES, MIN_MESSAGE_ROOM, Sampling
 from beechat.engine.chat_template import ChatTemplate, TemplateError, alternating
 from beechat.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, vocab_mismatch
 from beechat.engine.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
@@ -29,7 +29,6 @@ from beechat.engine.mtp import MTPContext, MTPDrafter, mtp_problem
 from beechat.engine.speculative import Generator
 
 Overflow = Literal["stop", "drop-oldest", "truncate-middle"]
-MIN_MESSAGE_ROOM = 16  # tokens of a message that must fit beside the system prompt and the reply reserve
 
 
 class EngineError(Exception):

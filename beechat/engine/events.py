@@ -25,8 +25,9 @@ class Stats:
     """Per-reply statistics; `None` means "not known", never a made-up zero.
 
     Definitions (docs/stats.md): decode tok/s = all tokens of the reply / the time from its prompt
-    being in the cache to its last token (server backends: after the first token); acceptance = accepted / drafted; mean accepted length =
-    1 + accepted / passes (tokens emitted per target verification pass).
+    being in the cache to its last token (server backends: from the first token); acceptance =
+    accepted / drafted; mean accepted length = 1 + accepted / passes (tokens emitted per target
+    verification pass).
     """
 
     prompt_tokens: int | None = None  # tokens in the templated prompt

@@ -183,8 +183,7 @@ class MTPDrafter:
         self._ring_pos = np.full(self._ring_size, -1, dtype=np.int64)
         self._known = 0  # the target has evaluated positions 0.._known-1 (as far as we saw)
         self._pending: list[int] = []  # target tokens at positions mtp.n_past.. not yet in the MTP cache
-        self._lost = False  # a target decode was missed: no drafts until the target starts over
-        self.catch_up_seconds = 0.0
+        self._lost = False  # a target decode was missed or a feed failed: rebuild the queue at the next draft
         target.output_hidden(True)  # the Generator registers `observe` with the target context
 
     # -- mirroring the target ------------------------------------------------------------------
@@ -209,7 +208,10 @@ class MTPDrafter:
         if not self._lost:
             self._pending.extend(tokens)
             if len(self._pending) >= self.target.n_batch:  # keep the rows it needs in the ring
-                self._flush()
+                try:
+                    self._flush()
+                except LlamaError:  # the head's trouble must not fail the target's decode
+                    self._lost = True
 
     def _cut(self, n: int) -> None:
         """The target's cache now holds its first n tokens."""
@@ -256,11 +258,15 @@ class MTPDrafter:
         started = time.perf_counter()
         n_past = len(history) - 1  # the target holds history[:-1]; history[-1] is pending
         n = min(n, self.mtp.n_ctx - n_past - 1)
-        if n <= 0 or self._lost or n_past != self.target.n_past:
+        if n <= 0 or n_past != self.target.n_past:
             return proposal
         self._cut(n_past)
-        if self.mtp.n_past + len(self._pending) != n_past:
-            return proposal
+        if self._lost or self.mtp.n_past + len(self._pending) != n_past:
+            # a missed decode or a failed feed: queue what the head lacks again from the history
+            # (hidden states that left the ring read as zeros: weaker drafts for a pass, never wrong text)
+            self._pending = list(history[self.mtp.n_past:n_past])
+            self._lost = False
+        proposal.caught_up = len(self._pending)
         pos = n_past
         seen = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n > 0 else []
         t = profile.mark()
@@ -268,6 +274,8 @@ class MTPDrafter:
             # catch up and the first step in one batch: (last, h_{n-1}) at position n
             row = self._flush(last=history[-1])
             t = profile.add("draft.mtp_catchup", t)
+            # the catch-up is a cost per pass, not per drafted token (its batch also made draft 1)
+            proposal.overhead_seconds = t - started
             for i in range(n):
                 assert row is not None
                 if sampling.greedy:
@@ -285,6 +293,9 @@ class MTPDrafter:
                 pos += 1
                 row = self.mtp.decode([token], h[None, :], pos, logits=True)
                 t = profile.add("draft.decode", t)
+        except LlamaError:  # the head failed: no drafts this pass, the target goes on
+            self._lost = True
+            proposal = Proposal()
         finally:
             self.mtp.truncate(n_past)  # the draft positions are the target's to fill
             profile.add("draft.mtp_cut", t)

@@ -238,7 +238,7 @@ class Generator:
                     self.controller.observe(len(drafts), step.n_from_draft, proposal.seconds, verify_seconds,
                                             proposal.overhead_seconds, proposal.caught_up)
                 else:
-                    if proposal is not None:  # asked, but nothing to propose (an n-gram miss)
+                    if proposal is not None and self.drafter.kind == "ngram":  # a miss costs nothing
                         self.controller.nothing_proposed()
                     self.controller.observe(0, 0, 0.0, verify_seconds)
             if len(step.tokens) > max_tokens - emitted:

@@ -4,7 +4,8 @@ All blocking work runs in thread workers that never touch widgets: `_load_model`
 backend, then load the new one) and `_generate` (ChatSession.send / reply, which also saves to the
 store). They reach the UI through the messages declared on `BeechatApp`, except the streamed reply itself:
 `_generate` adds its text and stats to the reply's `ReplyFeed`, which the UI drains once a frame
-(text) and once every STATS_INTERVAL_S (stats: the one place live stats are throttled), so a fast
+(text) and once every STATS_INTERVAL_S (stats: the one place their rate is set; the engine process only
+keeps the latest per 15 ms batch), so a fast
 model costs the UI a bounded amount of work, not a message per token. `create_app` is the one way
 to build the app (the CLI and the tests both use it).
 """
@@ -459,11 +460,16 @@ class BeechatApp(App[int]):
         done = message.done
         if self.closing:
             return
-        if reply is not None:
-            await reply.finish(done)
-        self.query_one(StatsPanel).record(done.stats)
-        self.conversation_id = message.conversation_id
-        self.generating = False
+        try:
+            if reply is not None:
+                await reply.finish(done)
+            self.query_one(StatsPanel).record(done.stats)
+        except Exception as exc:  # this runs in a worker that swallows errors: say it, never stay busy
+            self.notify(f"showing the reply failed: {type(exc).__name__}: {exc}".splitlines()[0],
+                        title="Reply", severity="error", timeout=10)
+        finally:
+            self.conversation_id = message.conversation_id
+            self.generating = False
         failed = done.finish_reason == "error" or done.error is not None  # incl. "context full" under "stop"
         error = (done.error or "generation failed") if failed else None
         if not self._check_engine_process(error if done.finish_reason == "error" else None) and error is not None:
