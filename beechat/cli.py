@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from beechat.config import Config, ConfigError, ModelFileError, Profile, load_config
+from beechat.config import Config, ConfigError, ModelFileError, load_config
+from beechat.launch import load_backend, open_store, profile_status
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -188,36 +189,6 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"temperature": getattr(args, "temperature", None), "seed": getattr(args, "seed", None)}
 
 
-def open_store(save: bool) -> Any:
-    if not save:
-        return None
-    from beechat.store import default_store
-
-    return default_store()
-
-
-def load_backend(profile: Profile, quiet: bool = True) -> Any:
-    """Create and load the profile's backend; progress goes to stderr on a terminal."""
-    from beechat.backends.base import create_backend
-
-    backend = create_backend(profile)
-    show = not quiet and sys.stderr.isatty()
-
-    def progress(fraction: float, what: str) -> None:
-        if show:
-            print(f"\r{what} {fraction * 100:3.0f}%", end="", file=sys.stderr, flush=True)
-
-    try:
-        info = backend.load(progress)
-    except BaseException:
-        backend.close()
-        raise
-    finally:
-        if show:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
-    return backend, info
-
-
 def cmd_ask(args: argparse.Namespace, config: Config) -> int:
     from beechat.engine.events import Chunk, Notice
     from beechat.session import ChatSession
@@ -284,37 +255,6 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
         if files:
             print(f"    {files}")
     return EXIT_OK
-
-
-def _mtp_layers(path: Path) -> int | None:
-    """MTP (nextn) layers in a GGUF's metadata; None when it cannot be read."""
-    from beechat.engine.gguf_meta import GGUFError, read_metadata
-
-    try:
-        return read_metadata(path, tensors=False).nextn_layers
-    except (GGUFError, OSError):
-        return None
-
-
-def profile_status(profile: Profile, is_default: bool) -> dict[str, Any]:
-    files: dict[str, dict[str, Any]] = {}
-    if profile.backend == "embedded":
-        draft_ref = profile.draft if profile.speculation == "draft" else None
-        for key, ref in (("target", profile.target), ("draft", draft_ref)):
-            if not ref:
-                continue
-            try:
-                path = profile.target_path() if key == "target" else profile.draft_path()
-                files[key] = {"path": str(path), "exists": bool(path and path.is_file())}
-                if files[key]["exists"] and path is not None:
-                    files[key]["mtp_layers"] = _mtp_layers(path)
-            except ModelFileError as exc:
-                files[key] = {"path": ref, "exists": False, "error": str(exc)}
-    return {
-        "name": profile.name, "default": is_default, "backend": profile.backend, "summary": profile.describe(),
-        "speculation": profile.speculation, "n_ctx": profile.n_ctx, "cache_type_k": profile.cache_type_k,
-        "cache_type_v": profile.cache_type_v, "files": files,
-    }
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -51,7 +51,7 @@ def _piped_lines() -> Iterator[str]:
 
 def run_plain(config: Config, profile: Profile, overrides: dict[str, Any], max_tokens: int | None = None,
               save: bool = True) -> int:
-    from beechat.cli import load_backend, open_store
+    from beechat.launch import load_backend, open_store
     from beechat.session import ChatSession
 
     interactive = sys.stdin.isatty()

@@ -352,10 +352,10 @@ def test_tokens_and_stats_name_the_mtp_source(mtp_models: dict[str, Path]) -> No
 
 
 def test_models_doctor_and_plan_report_mtp_layers(mtp_models: dict[str, Path], tmp_path: Path) -> None:
-    from beechat.cli import profile_status
     from beechat.config import load_config_file
     from beechat.doctor import check_profile
     from beechat.engine.planner import ModelFiles, plan, profile_files
+    from beechat.launch import profile_status
     from beechat.tui.screens import profile_option
 
     toml = tmp_path / "models.toml"

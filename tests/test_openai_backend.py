@@ -23,8 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from beechat.backends.base import Backend, BackendError, create_backend
+from beechat.backends.base import Backend, BackendError
 from beechat.backends.openai import OpenAIBackend, decode_payloads, estimate_tokens, iter_sse
+from beechat.backends.registry import create_backend
 from beechat.config import Profile, Sampling
 from beechat.engine.events import Chunk, Done, Event, StatsUpdate
 from beechat.session import ChatSession

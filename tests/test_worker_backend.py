@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from beechat.backends.base import BackendError, create_backend
+from beechat.backends.base import BackendError
 from beechat.backends.embedded import EmbeddedBackend
+from beechat.backends.registry import create_backend
 from beechat.backends.worker import WorkerBackend
 from beechat.backends.worker_child import Outbox
 from beechat.config import Profile, Sampling

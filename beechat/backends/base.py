@@ -67,21 +67,3 @@ class Backend(Protocol):
     def close(self) -> None:
         """Free every model / process this backend holds. Safe to call twice."""
         ...
-
-
-def create_backend(profile: Profile, *, own_process: bool = False) -> Backend:
-    """Backends are imported lazily by name, so the openai backend never loads llama.cpp.
-    `own_process`: an embedded profile runs in an engine process (the TUI; beechat/backends/worker.py)."""
-    if profile.backend == "embedded" and own_process:
-        from beechat.backends.worker import WorkerBackend
-
-        return WorkerBackend(profile)
-    if profile.backend == "embedded":
-        from beechat.backends.embedded import EmbeddedBackend
-
-        return EmbeddedBackend(profile)
-    if profile.backend == "openai":
-        from beechat.backends.openai import OpenAIBackend
-
-        return OpenAIBackend(profile)
-    raise BackendError(f"unknown backend {profile.backend!r}")

@@ -31,7 +31,8 @@ from textual.widgets import Footer
 from textual.worker import Worker, WorkerState
 
 from beechat import locations
-from beechat.backends.base import Backend, BackendError, ModelInfo, create_backend
+from beechat.backends.base import Backend, BackendError, ModelInfo
+from beechat.backends.registry import create_backend
 from beechat.config import Config, ConfigError, ModelFileError, Profile, Sampling
 from beechat.engine.events import Chunk, Done, Event, Notice, Stats, StatsUpdate
 from beechat.session import ChatSession
@@ -635,7 +636,7 @@ class BeechatApp(App[int]):
         if self.loading:
             self.notify(f"{self.profile.name} is still loading", severity="warning")
             return
-        from beechat.cli import profile_status
+        from beechat.launch import profile_status
 
         rows = [profile_status(p, p.name == self.config.default) for p in self.config.profiles.values()]
         self.push_screen(ModelPickerScreen(rows, self.profile.name), self.switch_profile)

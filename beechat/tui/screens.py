@@ -25,7 +25,7 @@ EXPORT_DESCRIPTIONS: dict[ExportFormat, str] = {
 
 
 def profile_option(row: Mapping[str, Any], current: str | None) -> Option:
-    """A picker entry from `beechat.cli.profile_status`: name, files (and whether they exist),
+    """A picker entry from `beechat.launch.profile_status`: name, files (and whether they exist),
     speculation, KV cache types and n_ctx."""
     name = str(row["name"])
     head: list[tuple[str, str] | str] = [(name, "bold")]
