@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import beechat
@@ -108,3 +111,15 @@ def test_import_graph_sees_lazy_imports() -> None:
 def test_no_import_cycles_in_beechat() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_import_contracts_hold() -> None:
+    """The layer contracts in pyproject.toml's [tool.importlinter] (import-linter's `lint-imports`)."""
+    repo = PACKAGE_DIR.parent
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    assert lint_imports.is_file(), "lint-imports missing: pip install -e '.[test]'"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([str(lint_imports), "--no-cache"], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout

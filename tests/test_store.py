@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from beechat.config import Profile, Sampling, ServerSpec
+from beechat.config import Sampling
 from beechat.engine.events import Stats
 from beechat.store import (
     SCHEMA_VERSION,
@@ -26,7 +26,6 @@ from beechat.store import (
     Store,
     StoreError,
     default_store,
-    model_info_from_profile,
     title_from_text,
 )
 
@@ -357,19 +356,6 @@ def test_bad_writes_change_nothing(store: Store) -> None:
     with pytest.raises(MessageNotFound):
         store.update_reply(12345, "x")
     assert raw_count(store.path, "SELECT COUNT(*) FROM messages") == 0
-
-
-def test_model_info_from_profile() -> None:
-    embedded = Profile(name="q", target="~/m/target.gguf", draft="~/m/draft.gguf", speculation="draft",
-                       n_ctx=65536, cache_type_k="q8_0", cache_type_v="q4_0")
-    assert model_info_from_profile(embedded) == {
-        "profile": "q", "backend": "embedded", "target": "~/m/target.gguf", "draft": "~/m/draft.gguf",
-        "speculation": "draft", "n_ctx": 65536, "cache_type_k": "q8_0", "cache_type_v": "q4_0",
-    }
-    remote = Profile(name="r", backend="openai", base_url="http://127.0.0.1:8082/v1", api_model="qwen",
-                     server=ServerSpec(command=("llama-server",)))
-    remote_info = model_info_from_profile(remote)
-    assert remote_info["target"] == "qwen" and remote_info["cache_type_k"] is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from beechat.store.db import (
     StoredMessage,
     StoreError,
     default_store,
-    model_info_from_profile,
     title_from_text,
 )
 from beechat.store.export import (
@@ -37,7 +36,6 @@ __all__ = [
     "StoredMessage",
     "default_store",
     "export_conversation",
-    "model_info_from_profile",
     "safe_filename",
     "split_reasoning",
     "title_from_text",

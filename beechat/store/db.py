@@ -19,11 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from beechat import locations
-from beechat.config import Profile, Sampling
 from beechat.engine.events import ChatMessage, Role, Stats
+
+if TYPE_CHECKING:  # sampling arrives as beechat.config.Sampling; the store needs only its fields
+    from _typeshed import DataclassInstance
 
 ROLES: Final[tuple[Role, ...]] = ("system", "user", "assistant")
 TITLE_MAX_CHARS: Final = 60
@@ -302,7 +304,7 @@ class Store:
         *,
         profile: str | None = None,
         model_info: Mapping[str, Any] | None = None,
-        sampling: Sampling | Mapping[str, Any] | None = None,
+        sampling: DataclassInstance | Mapping[str, Any] | None = None,
         stats: Stats | Mapping[str, Any] | None = None,
         finish_reason: str | None = None,
     ) -> int:
@@ -318,7 +320,7 @@ class Store:
         *,
         profile: str | None = None,
         model_info: Mapping[str, Any] | None = None,
-        sampling: Sampling | Mapping[str, Any] | None = None,
+        sampling: DataclassInstance | Mapping[str, Any] | None = None,
     ) -> int:
         """Start an empty, unfinished assistant reply and return its id."""
         return self._insert_message(
@@ -405,14 +407,14 @@ class Store:
         *,
         profile: str | None,
         model_info: Mapping[str, Any] | None,
-        sampling: Sampling | Mapping[str, Any] | None,
+        sampling: DataclassInstance | Mapping[str, Any] | None,
         stats: Stats | Mapping[str, Any] | None,
         finish_reason: str | None,
         complete: bool,
     ) -> int:
         checked_role = _as_role(role)
-        sampling_json = _encode_json(dataclasses.asdict(sampling) if isinstance(sampling, Sampling)
-                                     else sampling)
+        sampling_json = _encode_json(sampling if sampling is None or isinstance(sampling, Mapping)
+                                     else dataclasses.asdict(sampling))
         with self._transaction() as db:
             now = self._touch(db, conversation_id, profile)
             seq = int(db.execute(
@@ -483,20 +485,6 @@ def default_store() -> Store:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-def model_info_from_profile(profile: Profile) -> JsonObject:
-    """The `model_info` to save with a reply when only the profile is at hand."""
-    if profile.backend == "openai":
-        return {"profile": profile.name, "backend": "openai",
-                "target": profile.api_model or profile.base_url, "draft": None, "speculation": None,
-                "n_ctx": None, "cache_type_k": None, "cache_type_v": None}
-    return {
-        "profile": profile.name, "backend": profile.backend, "target": profile.target,
-        "draft": profile.draft if profile.speculation == "draft" else None,
-        "speculation": profile.speculation, "n_ctx": profile.n_ctx,
-        "cache_type_k": profile.cache_type_k, "cache_type_v": profile.cache_type_v,
-    }
 
 
 def title_from_text(text: str) -> str:
