@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -167,7 +168,11 @@ def run_doctor(config: Config, only: str | None = None, as_json: bool = False) -
     else:
         for r in results:
             print(f"[{r['status']:>4}] {r['check']}: {r['detail']}")
-    return 1 if (failed and only) else 0
+    if failed:  # docs/cli.md: exit 1 with a one-line reason when any check fails
+        n_failed = sum(r["status"] == FAIL for r in results)
+        print(f"beechat: error: {n_failed} doctor check{'s' if n_failed > 1 else ''} failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_plan(config: Config, only: str | None, as_json: bool = False, memory_gib: float | None = None) -> int:

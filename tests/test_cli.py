@@ -158,6 +158,25 @@ def test_models_doctor_and_plan(config: Path) -> None:
     assert rows[("q4_0", "q4_0")]["bytes_per_token"] < rows[("f16", "f16")]["bytes_per_token"]
 
 
+def test_doctor_exits_1_when_any_check_fails(tmp_path: Path, demo_model: Path) -> None:
+    """A vocabulary mismatch in any profile fails `beechat doctor` (exit 1), not only with --model."""
+    from tests.gguf_factory import write_llama
+
+    target = write_llama(tmp_path / "target.gguf", n_layer=1, zero_layers=True)
+    odd = write_llama(tmp_path / "odd.gguf", n_layer=1, zero_layers=True,
+                      token_overrides={1000: "zzz-not-a-token", 1001: "qqq"})
+    toml = tmp_path / "models.toml"
+    toml.write_text(f'default = "ok"\n[models.ok]\ntarget = "{demo_model}"\n'
+                    f'[models.mismatch]\ntarget = "{target}"\ndraft = "{odd}"\nspeculation = "draft"\n')
+    for extra in ((), ("--json",)):
+        doctor = beechat("--config", str(toml), "doctor", *extra)
+        assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+        assert doctor.stderr == "beechat: error: 1 doctor check failed\n"
+    checks = json.loads(doctor.stdout)["checks"]
+    assert [c["check"] for c in checks if c["status"] == "FAIL"] == ["mismatch: draft/target vocabulary"]
+    assert beechat("--config", str(toml), "doctor", "--model", "ok").returncode == 0
+
+
 def test_errors_are_one_line(tmp_path: Path, config: Path) -> None:
     missing = tmp_path / "m.toml"
     missing.write_text('[models.x]\ntarget = "nowhere.gguf"\n')
