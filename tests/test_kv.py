@@ -19,7 +19,6 @@ from beechat.engine.kv import (
     cache_type,
     needs_flash_attn,
     padded_n_ctx,
-    plan_table,
 )
 from beechat.engine.llama import Context, Model, kv_size_from_log, llama_log
 from tests.support import demo_model_path
@@ -321,7 +320,7 @@ def test_sliding_window_layout() -> None:
     assert KVLayout.from_metadata(_dense("llama", attention__sliding_window=512)).swa_type == "none"
 
 
-def test_max_context_and_plan_table() -> None:
+def test_max_context() -> None:
     meta = GGUFMetadata.from_kv(QWEN36_27B)
     layout = KVLayout.from_metadata(meta)
     gib = 1024**3
@@ -336,12 +335,10 @@ def test_max_context_and_plan_table() -> None:
     # 24 GiB card: f16 stops short of the trained context, q4_0 reaches it
     assert layout.max_context(24 * gib, weights, "f16", "f16", overhead) < 262_144
     assert layout.max_context(24 * gib, weights, "q4_0", "q4_0", overhead) == 262_144
-    rows = plan_table(meta, weights, 24 * gib, overhead)
-    assert [(r["type_k"], r["type_v"]) for r in rows] == PAIRS
-    assert [r["bytes_per_token"] for r in rows] == [65_536, 34_816, 18_432, 26_624]
-    assert [r["flash_attn"] for r in rows] == [False, True, True, True]
-    assert rows[0]["max_context"] < rows[1]["max_context"] <= rows[2]["max_context"]
-    assert all(r["capacity_bytes"] <= 24 * gib - weights - overhead for r in rows)
+    assert [layout.bytes_per_token(*pair) for pair in PAIRS] == [65_536, 34_816, 18_432, 26_624]
+    assert [needs_flash_attn(type_v) for _, type_v in PAIRS] == [False, True, True, True]
+    fits = [layout.max_context(24 * gib, weights, *pair, overhead) for pair in PAIRS]
+    assert fits[0] < fits[1] <= fits[2]
 
 
 # ----------------------------------------------------------------------------------------------

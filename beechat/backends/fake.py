@@ -162,9 +162,6 @@ class FakeBackend:
             kv_bytes_capacity=self.n_ctx * self.kv_bytes_per_cell,
         )
 
-    def queue_reply(self, text: str) -> None:
-        self.replies.append(text)
-
     def _next_reply(self, messages: Sequence[ChatMessage]) -> str:
         if self.replies:
             return self.replies.popleft()

@@ -482,8 +482,3 @@ class _KVAccount:
         return sum(layout.used_bytes(ctx.n_past, s.cache_type_k, s.cache_type_v, n_rs_seq=ctx.n_rs_seq,
                                      n_seq_max=ctx.n_seq_max,
                                      flash_attn=flash) for layout, ctx in self.parts)
-
-    def bytes_per_token(self) -> int:
-        s = self.engine.settings
-        flash = self.engine.flash_attn is not False
-        return sum(layout.bytes_per_token(s.cache_type_k, s.cache_type_v, flash_attn=flash) for layout, _ in self.parts)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypedDict
 
 from beechat.engine.gguf_meta import GGUFMetadata
 
@@ -221,15 +220,6 @@ class KVCapacity:
     @property
     def total(self) -> int:
         return self.kv_bytes + self.recurrent_bytes
-
-
-class PlanRow(TypedDict):
-    type_k: str
-    type_v: str
-    flash_attn: bool  # flash attention needed (quantized V)
-    bytes_per_token: int | None  # None when the model's head size does not fit the type's blocks
-    max_context: int  # 0 when nothing fits (or the type is unusable)
-    capacity_bytes: int  # KV + recurrent state at max_context
 
 
 @dataclass(frozen=True)
@@ -584,21 +574,3 @@ def _recurrent_widths(meta: GGUFMetadata, arch: str, n_embd: int, n_head: int,
     else:
         s = d_state * d_inner
     return r, s
-
-
-def plan_table(meta: GGUFMetadata, file_size: int, free_bytes: int, overhead_bytes: int,
-               n_rs_seq: int = 0) -> list[PlanRow]:
-    """For each cache type pair of PLAN_PAIRS: bytes/token and the largest context that fits
-    (weights counted as the file size)."""
-    layout = KVLayout.from_metadata(meta)
-    rows: list[PlanRow] = []
-    for type_k, type_v in PLAN_PAIRS:
-        try:
-            per_token: int | None = layout.bytes_per_token(type_k, type_v)
-            n_ctx = layout.max_context(free_bytes, file_size, type_k, type_v, overhead_bytes, n_rs_seq)
-            capacity = layout.capacity_bytes(n_ctx, type_k, type_v, n_rs_seq) if n_ctx else 0
-        except ValueError:
-            per_token, n_ctx, capacity = None, 0, 0
-        rows.append(PlanRow(type_k=type_k, type_v=type_v, flash_attn=needs_flash_attn(type_v),
-                            bytes_per_token=per_token, max_context=n_ctx, capacity_bytes=capacity))
-    return rows
