@@ -134,6 +134,21 @@ def default_threads() -> int:
     return max(1, available_cores() - _reserved_cores)
 
 
+def set_shared_params(params: Any, *, n_threads: int | None, type_k: int, type_v: int,
+                      flash_attn: bool | None) -> None:
+    """What every context beechat creates (target, draft, MTP head) sets the same way: threads,
+    KV cache types, flash attention (None = llama.cpp's auto), no perf counters."""
+    threads = n_threads or default_threads()
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    params.type_k = type_k
+    params.type_v = type_v
+    params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
+                              lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
+                              lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    params.no_perf = True
+
+
 def supports_gpu_offload() -> bool:
     llama_log()  # initialise the backend first
     return bool(lc.llama_supports_gpu_offload())
@@ -276,15 +291,7 @@ class Context:
         params.n_seq_max = 2 if branch else 1
         params.kv_unified = True
         params.n_rs_seq = n_rs_seq
-        threads = n_threads or default_threads()
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.type_k = type_k
-        params.type_v = type_v
-        params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
-                                  lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
-                                  lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        params.no_perf = True
+        set_shared_params(params, n_threads=n_threads, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
         self.log_mark = log.mark()
         ptr = lc.llama_init_from_model(model.ptr, params)
         if not ptr:

@@ -33,7 +33,7 @@ from beechat.config import Sampling
 from beechat.engine import profile
 from beechat.engine.drafters import Proposal
 from beechat.engine.gguf_meta import GGUFError, read_metadata
-from beechat.engine.llama import Context, LlamaError, Logits, Model, default_threads, llama_log
+from beechat.engine.llama import Context, LlamaError, Logits, Model, llama_log, set_shared_params
 from beechat.engine.sampling import distribution, greedy_token
 
 
@@ -78,15 +78,7 @@ class MTPContext:
         params.n_ubatch = target.n_ubatch
         params.n_seq_max = 1
         params.n_rs_seq = 0
-        threads = n_threads or default_threads()
-        params.n_threads = threads
-        params.n_threads_batch = threads
-        params.type_k = type_k
-        params.type_v = type_v
-        params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
-                                  lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
-                                  lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        params.no_perf = True
+        set_shared_params(params, n_threads=n_threads, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
         self.log_mark = log.mark()
         ptr = lc.llama_init_from_model(model.ptr, params)
         if not ptr:
