@@ -161,6 +161,28 @@ def test_vocabulary_mismatch_is_refused_with_a_reason(tmp_path: Path, demo_model
 # -- generated pairs with known agreement ------------------------------------------------------
 
 
+def exact_two_token_joint(target: Model, prompt: list[int], sampling: Sampling) -> dict[tuple[int, int], float]:
+    """The target's exact distribution of its first two tokens after `prompt`, from plain decoding
+    (a fresh context; the prompt's state is restored before each second token, which works for
+    hybrid targets too)."""
+    ref = Context(target, n_ctx=512, n_threads=THREADS)
+    try:
+        first = distribution(ref.decode(prompt)[0].copy(), prompt, sampling)
+        after_prompt = ref.save_partial_state() if ref.recurrent else None
+        joint: dict[tuple[int, int], float] = {}
+        for x1, p1 in zip(first.ids.tolist(), first.probs.tolist(), strict=True):
+            if after_prompt is not None:
+                ref.restore_partial_state(after_prompt)
+            else:
+                ref.truncate(len(prompt))
+            second = distribution(ref.decode([x1])[0].copy(), [*prompt, x1], sampling)
+            for x2, p2 in zip(second.ids.tolist(), second.probs.tolist(), strict=True):
+                joint[(x1, x2)] = p1 * p2
+        return joint
+    finally:
+        ref.close()
+
+
 def make_generator(target: Path, draft: Path | None, *, ngram: bool = False, n_ctx: int = 512,
                    n_rs_seq: int = 0, draft_max: int = 8) -> Generator:
     t_model = Model(target)
@@ -256,15 +278,7 @@ def test_speculative_sampling_keeps_the_target_distribution(tiny_models: dict[st
         # no repeat penalty here: it would push the repeated favourite out of the top-k
         sampling = Sampling(temperature=1.0, top_k=6, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
     # exact target distribution of (x1, x2)
-    ref = Context(gen.target, n_ctx=512, n_threads=THREADS)
-    first = distribution(ref.decode(prompt)[0].copy(), prompt, sampling)
-    joint: dict[tuple[int, int], float] = {}
-    for x1, p1 in zip(first.ids.tolist(), first.probs.tolist(), strict=True):
-        ref.truncate(len(prompt))
-        second = distribution(ref.decode([x1])[0].copy(), [*prompt, x1], sampling)
-        for x2, p2 in zip(second.ids.tolist(), second.probs.tolist(), strict=True):
-            joint[(x1, x2)] = p1 * p2
-    ref.close()
+    joint = exact_two_token_joint(gen.target, prompt, sampling)
     counts: Counter[tuple[int, int]] = Counter()
     rng = np.random.default_rng(2024)
     drafted = accepted = 0

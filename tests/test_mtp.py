@@ -19,11 +19,10 @@ from beechat.engine.gguf_meta import read_metadata
 from beechat.engine.kv import KVLayout
 from beechat.engine.llama import Context, LlamaError, Model, kv_size_from_log
 from beechat.engine.mtp import MTPContext, MTPDrafter
-from beechat.engine.sampling import distribution
 from beechat.engine.speculative import Generator
 from tests.gguf_factory import main as factory_main
 from tests.gguf_factory import write_qwen35
-from tests.test_engine import GREEDY, THREADS, chat, chi_square, engine, run_tokens
+from tests.test_engine import GREEDY, THREADS, chat, chi_square, engine, exact_two_token_joint, run_tokens
 
 
 @pytest.fixture(scope="module")
@@ -140,16 +139,7 @@ def test_sampling_keeps_the_target_distribution(mtp_models: dict[str, Path]) -> 
     gen = mtp_generator(mtp_models["random"])
     try:
         prompt = gen.target.tokenize("Once upon a time")
-        ref = Context(gen.target, n_ctx=512, n_threads=THREADS)
-        first = distribution(ref.decode(prompt)[0].copy(), prompt, sampling)
-        after_prompt = ref.save_partial_state()  # a hybrid target cannot cut back without it
-        joint: dict[tuple[int, int], float] = {}
-        for x1, p1 in zip(first.ids.tolist(), first.probs.tolist(), strict=True):
-            ref.restore_partial_state(after_prompt)
-            second = distribution(ref.decode([x1])[0].copy(), [*prompt, x1], sampling)
-            for x2, p2 in zip(second.ids.tolist(), second.probs.tolist(), strict=True):
-                joint[(x1, x2)] = p1 * p2
-        ref.close()
+        joint = exact_two_token_joint(gen.target, prompt, sampling)
         counts: Counter[tuple[int, int]] = Counter()
         rng = np.random.default_rng(2024)
         drafted = accepted = 0

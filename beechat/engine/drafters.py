@@ -14,7 +14,7 @@ import numpy as np
 from beechat.config import Sampling
 from beechat.engine import profile
 from beechat.engine.llama import Context, Model, SavedState
-from beechat.engine.sampling import Distribution, distribution, greedy_token
+from beechat.engine.sampling import Distribution, draft_token
 
 
 @dataclass(slots=True)
@@ -201,13 +201,7 @@ class DraftModelDrafter:
         t = profile.add("draft.decode", t)
         drafted_history = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n > 0 else []
         for i in range(n):
-            row = logits[0]
-            if sampling.greedy:
-                token = greedy_token(row, drafted_history, sampling)
-                dist = None
-            else:
-                dist = distribution(row, drafted_history, sampling)
-                token = dist.sample(rng)
+            token, dist = draft_token(logits[0], drafted_history, sampling, rng)
             proposal.tokens.append(token)
             proposal.dists.append(dist)
             drafted_history.append(token)

@@ -34,7 +34,7 @@ from beechat.engine import profile
 from beechat.engine.drafters import Proposal
 from beechat.engine.gguf_meta import GGUFError, read_metadata
 from beechat.engine.llama import Context, LlamaError, Logits, Model, llama_log, set_shared_params
-from beechat.engine.sampling import distribution, greedy_token
+from beechat.engine.sampling import draft_token
 
 
 def mtp_problem(path: Path) -> str | None:
@@ -270,11 +270,7 @@ class MTPDrafter:
             proposal.overhead_seconds = t - started
             for i in range(n):
                 assert row is not None
-                if sampling.greedy:
-                    token, dist = greedy_token(row, seen, sampling), None
-                else:
-                    dist = distribution(row, seen, sampling)
-                    token = dist.sample(rng)
+                token, dist = draft_token(row, seen, sampling, rng)
                 proposal.tokens.append(token)
                 proposal.dists.append(dist)
                 seen.append(token)

@@ -64,6 +64,16 @@ def greedy_token(logits: npt.NDArray[np.float32], history: Sequence[int], sampli
     return int(np.argmax(penalize(logits, history, sampling)))
 
 
+def draft_token(logits: npt.NDArray[np.float32], history: Sequence[int], sampling: Sampling,
+                rng: np.random.Generator) -> tuple[int, Distribution | None]:
+    """A drafter's next token from its logits row, and the distribution q it was sampled from
+    (None when greedy: a one-hot q)."""
+    if sampling.greedy:
+        return greedy_token(logits, history, sampling), None
+    dist = distribution(logits, history, sampling)
+    return dist.sample(rng), dist
+
+
 def distribution(logits: npt.NDArray[np.float32], history: Sequence[int], sampling: Sampling) -> Distribution:
     """The final distribution after the whole chain (temperature must be > 0)."""
     row = penalize(logits, history, sampling)
