@@ -17,7 +17,7 @@ from typing import Any
 from beechat.config import Profile, Sampling
 from beechat.engine.chat import ChatEngine
 from beechat.engine.drafters import NgramDrafter
-from beechat.engine.events import ChatMessage, Done, collect
+from beechat.events import ChatMessage, Done, collect
 from beechat.format import percent, rate
 
 EDIT_SOURCE = (

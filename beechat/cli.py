@@ -190,7 +190,7 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_ask(args: argparse.Namespace, config: Config) -> int:
-    from beechat.engine.events import Chunk, Notice
+    from beechat.events import Chunk, Notice
     from beechat.session import ChatSession
 
     prompt = " ".join(args.prompt)

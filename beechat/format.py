@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from beechat.engine.events import Stats
+from beechat.events import Stats
 
 NA = "n/a"
 

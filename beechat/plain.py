@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from beechat.config import Config, Profile
-from beechat.engine.events import Chunk, Done, Event, Notice
+from beechat.events import Chunk, Done, Event, Notice
 from beechat.format import stats_line
 
 CUT_MARK = " [cut: the reply reached the end of the context]"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from beechat.backends.base import Backend, ModelInfo
 from beechat.config import Profile, Sampling
 from beechat.engine.chat_template import alternating
-from beechat.engine.events import ChatMessage, Chunk, Done, Event, Stats, StatsUpdate
+from beechat.events import ChatMessage, Chunk, Done, Event, Stats, StatsUpdate
 
 if TYPE_CHECKING:
     from beechat.store import Store

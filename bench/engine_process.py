@@ -26,7 +26,7 @@ from beechat.backends.base import Backend
 from beechat.backends.embedded import EmbeddedBackend
 from beechat.backends.worker import WorkerBackend
 from beechat.config import Profile, Sampling, demo_config, load_config
-from beechat.engine.events import ChatMessage, Chunk, Done
+from beechat.events import ChatMessage, Chunk, Done
 
 PROMPT: list[ChatMessage] = [{"role": "user", "content": "Write a short story about a lighthouse keeper who "
                                                          "finds a message in a bottle."}]

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beechat.config import Sampling
 from beechat.engine import profile
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
-from beechat.engine.events import DecodeClock
+from beechat.events import DecodeClock
 from beechat.engine.llama import Context, Model, supports_gpu_offload
 from beechat.engine.mtp import MTPDrafter
 from beechat.engine.speculative import Generator

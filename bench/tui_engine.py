@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from beechat.config import load_config  # noqa: E402
-from beechat.engine.events import Stats  # noqa: E402
+from beechat.events import Stats  # noqa: E402
 from beechat.store import Store  # noqa: E402
 
 PROMPT = ("Write a detailed explanation of how speculative decoding works in large language models, "

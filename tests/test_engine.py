@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 from beechat.config import Sampling
 from beechat.engine.chat import ChatEngine, EngineError, EngineSettings
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
-from beechat.engine.events import ChatMessage, Chunk, Done, collect
+from beechat.events import ChatMessage, Chunk, Done, collect
 from beechat.engine.llama import Context, Model
 from beechat.engine.sampling import distribution
 from beechat.engine.speculative import Generator

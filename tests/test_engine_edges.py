@@ -12,7 +12,7 @@ import pytest
 from beechat.config import Sampling
 from beechat.engine.chat import ChatEngine, EngineSettings
 from beechat.engine.chat_template import ChatTemplate
-from beechat.engine.events import ChatMessage, DecodeClock, Done, collect
+from beechat.events import ChatMessage, DecodeClock, Done, collect
 from beechat.engine.llama import Context, Model
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
@@ -81,7 +81,7 @@ def test_drafts_never_exceed_one_verify_batch(demo_model: Path) -> None:
 
 
 def test_decode_rate_leaves_out_tokens_emitted_with_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    import beechat.engine.events as events
+    import beechat.events as events
 
     now = [10.0]
     monkeypatch.setattr(events.time, "perf_counter", lambda: now[0])

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from beechat.engine.events import Stats
+from beechat.events import Stats
 from beechat.store import (
     Conversation,
     Store,

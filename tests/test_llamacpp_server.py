@@ -37,7 +37,7 @@ from beechat.backends.metrics import (
 from beechat.backends.openai import OpenAIBackend
 from beechat.backends.server_kv import kv_from_gguf, llama_server_args
 from beechat.config import Profile, Sampling, ServerSpec
-from beechat.engine.events import Chunk, Done, Event
+from beechat.events import Chunk, Done, Event
 from beechat.session import ChatSession
 from tests.support import demo_model_path, free_port
 

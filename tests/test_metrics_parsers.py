@@ -35,7 +35,7 @@ from beechat.backends.metrics import (
 from beechat.backends.openai import OpenAIBackend
 from beechat.backends.server_kv import LlamaServerArgs, kv_from_gguf, llama_server_args
 from beechat.config import Profile, Sampling
-from beechat.engine.events import Chunk, Done, StatsUpdate
+from beechat.events import Chunk, Done, StatsUpdate
 
 DATA = Path(__file__).parent / "data"
 RECORDED_STREAM = (DATA / "llama_server_stream_spec.sse").read_bytes()

@@ -323,7 +323,7 @@ def test_mtp_file_decodes_plainly_without_its_head(mtp_models: dict[str, Path], 
 
 
 def test_tokens_and_stats_name_the_mtp_source(mtp_models: dict[str, Path]) -> None:
-    from beechat.engine.events import Chunk, Done
+    from beechat.events import Chunk, Done
     from beechat.store.export import stats_fields
 
     e = engine(mtp_models["agree"], speculation="mtp", n_ctx=1024, draft_max=4)

@@ -27,7 +27,7 @@ from beechat.backends.base import Backend, BackendError
 from beechat.backends.openai import OpenAIBackend, decode_payloads, estimate_tokens, iter_sse
 from beechat.backends.registry import create_backend
 from beechat.config import Profile, Sampling
-from beechat.engine.events import Chunk, Done, Event, StatsUpdate
+from beechat.events import Chunk, Done, Event, StatsUpdate
 from beechat.session import ChatSession
 from tests.support import demo_model_path, free_port
 

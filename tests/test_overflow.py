@@ -10,7 +10,7 @@ import pytest
 
 from beechat.config import Sampling
 from beechat.engine.chat import ChatEngine, EngineSettings
-from beechat.engine.events import ChatMessage, Done, Notice
+from beechat.events import ChatMessage, Done, Notice
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 N_CTX = 512

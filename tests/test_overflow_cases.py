@@ -24,7 +24,7 @@ from beechat.backends.base import BackendError
 from beechat.backends.embedded import EmbeddedBackend
 from beechat.config import ConfigError, Profile, Sampling, parse_config
 from beechat.engine.chat import ChatEngine, EngineError, EngineSettings
-from beechat.engine.events import ChatMessage, Done, Event, Notice
+from beechat.events import ChatMessage, Done, Event, Notice
 from beechat.plain import CUT_MARK
 from beechat.session import ChatSession
 from beechat.store import Store, default_store

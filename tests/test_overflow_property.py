@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from beechat.backends.embedded import EmbeddedBackend
 from beechat.config import Profile, Sampling
 from beechat.engine.chat import ChatEngine
-from beechat.engine.events import ChatMessage, Done, Event, Notice
+from beechat.events import ChatMessage, Done, Event, Notice
 from beechat.session import ChatSession
 from beechat.store import Store
 from tests.gguf_factory import write_llama

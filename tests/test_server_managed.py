@@ -30,7 +30,7 @@ from beechat.backends.server import (
 from beechat.backends.server_kv import llama_server_args
 from beechat.config import Profile, Sampling, ServerSpec, load_config_file
 from beechat.doctor import FAIL, OK, WARN, check_server_command
-from beechat.engine.events import Done
+from beechat.events import Done
 from tests.support import demo_model_path, free_port
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from beechat.config import Sampling
-from beechat.engine.events import Stats
+from beechat.events import Stats
 from beechat.store import (
     SCHEMA_VERSION,
     AmbiguousConversation,

@@ -21,7 +21,7 @@ from beechat.backends.worker import WorkerBackend
 from beechat.backends.worker_child import Outbox
 from beechat.config import Profile, Sampling
 from beechat.engine import llama
-from beechat.engine.events import ChatMessage, Chunk, Done, Event, Notice, Stats, StatsUpdate
+from beechat.events import ChatMessage, Chunk, Done, Event, Notice, Stats, StatsUpdate
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """The one narrow contract between front ends (TUI, plain mode, ask, bench) and model backends.
 
-A backend loads a profile, streams replies as `beechat.engine.events` and releases its memory on
+A backend loads a profile, streams replies as `beechat.events` and releases its memory on
 `close()`. Everything blocking happens in these methods; front ends call them from worker threads.
 Cancellation is cooperative: `stream` checks `cancel` between tokens and then ends with
 `Done(finish_reason="cancelled")` carrying the partial text.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
 from beechat.config import Profile, Sampling
-from beechat.engine.events import ChatMessage, Event
+from beechat.events import ChatMessage, Event
 
 ProgressCallback = Callable[[float, str], None]  # fraction 0..1, what is happening
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 from beechat.backends.base import BackendError, ModelInfo, ProgressCallback
 from beechat.config import ModelFileError, Profile, Sampling, check_model_file
 from beechat.engine.chat import ChatEngine, EngineError, EngineSettings
-from beechat.engine.events import ChatMessage, Done, Event, Stats
+from beechat.events import ChatMessage, Done, Event, Stats
 
 
 class EmbeddedBackend:

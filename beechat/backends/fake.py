@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from beechat.backends.base import BackendError, ModelInfo, ProgressCallback
 from beechat.config import Profile, Sampling
-from beechat.engine.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
+from beechat.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
 
 # KV bytes per context cell for a 27B-class hybrid model (16 attention layers, 4 KV heads, dim 256).
 KV_BYTES_PER_CELL: dict[str, int] = {"f32": 131072, "f16": 65536, "bf16": 65536, "q8_0": 34816,

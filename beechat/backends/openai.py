@@ -41,7 +41,7 @@ from beechat.backends.metrics import (
 from beechat.backends.server import ManagedServer, is_loopback, root_url, speculation_from_command
 from beechat.backends.server_kv import kv_from_gguf, llama_server_args, local_gguf
 from beechat.config import Profile, Sampling
-from beechat.engine.events import (
+from beechat.events import (
     ChatMessage,
     Chunk,
     DecodeClock,

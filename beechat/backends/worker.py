@@ -35,7 +35,7 @@ import beechat
 from beechat import locations
 from beechat.backends.base import BackendError, ModelInfo, ProgressCallback
 from beechat.config import Profile, Sampling
-from beechat.engine.events import ChatMessage, Chunk, Done, Event, Stats, StatsUpdate
+from beechat.events import ChatMessage, Chunk, Done, Event, Stats, StatsUpdate
 
 POLL_S: Final = 0.01  # how often a waiting call looks at its cancel Event
 CLOSE_WAIT_S: Final = 5.0  # a closing engine process gets this long to exit before it is killed

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from beechat.engine.events import Chunk, Done, Event, Stats, StatsUpdate
+from beechat.events import Chunk, Done, Event, Stats, StatsUpdate
 
 FLUSH_INTERVAL_S: Final = 0.015  # events are held at most this long (or one pass) before being sent
 PROGRESS_STEP: Final = 0.01  # load progress is sent when it moved by this much (or its text changed)

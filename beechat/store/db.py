@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from beechat import locations
-from beechat.engine.events import ChatMessage, Role, Stats
+from beechat.events import ChatMessage, Role, Stats
 
 if TYPE_CHECKING:  # sampling arrives as beechat.config.Sampling; the store needs only its fields
     from _typeshed import DataclassInstance

@@ -34,7 +34,7 @@ from beechat import locations
 from beechat.backends.base import Backend, BackendError, ModelInfo
 from beechat.backends.registry import create_backend
 from beechat.config import Config, ConfigError, ModelFileError, Profile, Sampling
-from beechat.engine.events import Chunk, Done, Event, Notice, Stats, StatsUpdate
+from beechat.events import Chunk, Done, Event, Notice, Stats, StatsUpdate
 from beechat.session import ChatSession
 from beechat.store import Conversation, Store, StoreError, default_store
 from beechat.store.export import ExportFormat, safe_filename, write_export

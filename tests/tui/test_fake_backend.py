@@ -13,7 +13,7 @@ import pytest
 from beechat.backends.base import Backend, BackendError
 from beechat.backends.fake import FakeBackend, FakeBackendFactory, fake_tokens
 from beechat.config import Sampling
-from beechat.engine.events import ChatMessage, Chunk, Done, Notice, StatsUpdate, collect
+from beechat.events import ChatMessage, Chunk, Done, Notice, StatsUpdate, collect
 from tests.tui.conftest import PLAIN, SPEC, make_config
 
 MESSAGES: list[ChatMessage] = [{"role": "user", "content": "hello there"}]

@@ -12,7 +12,7 @@ from textual.widget import Widget
 
 import beechat.tui.widgets.chat as chat_module
 from beechat.backends.fake import FakeBackendFactory
-from beechat.engine.events import Stats
+from beechat.events import Stats
 from beechat.tui.app import STATS_INTERVAL_S, BeechatApp
 from beechat.tui.widgets import ChatView, ReplyFeed, StatsPanel, UserMessage
 from beechat.tui.widgets.chat import PARKED

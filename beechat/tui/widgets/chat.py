@@ -19,7 +19,7 @@ from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Collapsible, Label, Markdown, Static
 
-from beechat.engine.events import Done, Stats
+from beechat.events import Done, Stats
 from beechat.format import percent, rate, stats_line
 from beechat.store import StoredMessage
 from beechat.tui.reasoning import ReasoningSplitter, split_reply

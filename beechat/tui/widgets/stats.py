@@ -15,7 +15,7 @@ from textual.reactive import reactive
 from textual.widgets import Label, ProgressBar, Sparkline
 
 from beechat.backends.base import ModelInfo
-from beechat.engine.events import Stats
+from beechat.events import Stats
 from beechat.format import NA, human_bytes, percent, rate
 
 HISTORY_LIMIT: Final = 240  # sparkline samples kept per reply
