@@ -69,7 +69,7 @@ fi
 if has hybrid; then
   python3 bench/spec_bench.py --target $M/hybrid.gguf --draft good=$M/hdraft.gguf --draft ngram=ngram \
     --tokens $TOKENS --ks ${KS:-4,8,16} --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
-    --profile --json-out $RES/spec_bench_hybrid.json 2>&1 | tee $RES/spec_bench_hybrid.txt
+    --variants host,serial --profile --json-out $RES/spec_bench_hybrid.json 2>&1 | tee $RES/spec_bench_hybrid.txt
   # a useless draft: fixed lengths only show how much a controller must save, one is enough
   python3 bench/spec_bench.py --target $M/hybrid.gguf --draft useless=$M/huseless.gguf \
     --tokens $TOKENS --ks 4 --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
@@ -84,7 +84,7 @@ if has dense; then
   cat $M/target.gguf $M/good.gguf $M/useless.gguf > /dev/null
   python3 bench/spec_bench.py --target $M/target.gguf --draft good=$M/good.gguf \
     --tokens $TOKENS --ks ${KS:-4,8,16} --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
-    --profile --json-out $RES/spec_bench_dense.json 2>&1 | tee $RES/spec_bench_dense.txt
+    --variants host,serial --profile --json-out $RES/spec_bench_dense.json 2>&1 | tee $RES/spec_bench_dense.txt
   python3 bench/spec_bench.py --target $M/target.gguf --draft useless=$M/useless.gguf \
     --tokens $TOKENS --ks 4 --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
     --profile --json-out $RES/spec_bench_dense_useless.json 2>&1 | tee $RES/spec_bench_dense_useless.txt

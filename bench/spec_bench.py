@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from beechat.config import Sampling
 from beechat.engine import profile
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
-from beechat.events import DecodeClock
 from beechat.engine.llama import Context, Model, supports_gpu_offload
 from beechat.engine.mtp import MTPDrafter
 from beechat.engine.speculative import Generator
+from beechat.events import DecodeClock
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 PROMPT = ("Write a detailed explanation of how speculative decoding works in large language models, "
@@ -47,6 +47,9 @@ def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None
     """One greedy reply; decode rate on the engine's clock (DecodeClock: all tokens over all the
     time since the prompt was in the cache, the first pass included)."""
     gen.context.clear()
+    if isinstance(gen.drafter, DraftModelDrafter):
+        gen.drafter.forget_chain()  # the same prompt again: its last reply must not be free drafts
+    ahead_before = gen.lookahead_tokens
     gen.prefill(prompt)
     out: list[int] = []
     drafted = accepted = passes = 0
@@ -63,12 +66,14 @@ def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None
             ks.append(step.drafted)
     return {"tokens": out, "n": len(out), "decode_tps": clock.decode_tps, "drafted": drafted, "accepted": accepted,
             "passes": passes, "acceptance": accepted / drafted if drafted else None,
-            "mean_k": statistics.mean(ks) if ks else 0, "profile_ms": prof.per_pass_ms()}
+            "mean_k": statistics.mean(ks) if ks else 0, "profile_ms": prof.per_pass_ms(),
+            "lookahead_tokens": gen.lookahead_tokens - ahead_before}
 
 
 def top2_gaps(target: Model, ctx: Context, prompt: list[int], tokens: list[int]) -> list[float]:
     """Logit gap between the best and second-best token at each plain greedy step (one-token
     decodes, as plain decoding does them)."""
+    ctx.sample_on_device(False)  # this needs the logits rows
     ctx.clear()
     logits = ctx.decode(prompt)[0]
     gaps = []
@@ -104,6 +109,10 @@ def main() -> None:
     ap.add_argument("--rs-seq", type=int, default=None,
                     help="recurrent-state snapshots of a hybrid target (default: the largest draft length; "
                          "0 = save/restore the state on the host instead)")
+    ap.add_argument("--variants", default="",
+                    help="comma list; also time plain and the largest adaptive mode with: host = every row's logits "
+                         "copied to the host and the argmax taken there (default: on the device); serial = no "
+                         "drafting ahead while the target verifies (default: ahead where the target is on a GPU)")
     ap.add_argument("--profile", action="store_true", help="print where each pass's time goes")
     ap.add_argument("--json-out")
     args = ap.parse_args()
@@ -123,7 +132,11 @@ def main() -> None:
     prompt = target.tokenize(PROMPT)
     report: dict[str, Any] = {"target": args.target, "tokens": args.tokens, "repeat": args.repeat, "drafts": {}}
 
-    plain_gen = Generator(target, ctx, None)
+    variants = [v for v in args.variants.split(",") if v]
+    if any(v not in ("host", "serial") for v in variants):
+        ap.error(f"--variants: expected host and/or serial, got {args.variants!r}")
+    plain_gens = {True: Generator(target, ctx, None, device_sampling=True),
+                  False: Generator(target, ctx, None, device_sampling=False)}
     for name_path in args.draft or []:
         name, _, path = name_path.partition("=")
         if path == "ngram":
@@ -134,27 +147,36 @@ def main() -> None:
             d_model = Model(Path(path), n_gpu_layers=args.n_gpu_layers)
             drafter = DraftModelDrafter(d_model, DraftModelDrafter.context_for(
                 d_model, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads))
-        modes: list[tuple[str, int | None, int]] = [("plain", 0, 0)]
-        modes += [(f"k={k}", k, k) for k in ks]
-        modes += [(f"adaptive(max {m})", None, m) for m in draft_maxes]
+        # (label, fixed k, draft_max, argmax on the device, draft ahead during verifies (None: default))
+        modes: list[tuple[str, int | None, int, bool, bool | None]] = [("plain", 0, 0, True, None)]
+        modes += [(f"k={k}", k, k, True, None) for k in ks]
+        modes += [(f"adaptive(max {m})", None, m, True, None) for m in draft_maxes]
+        if "host" in variants:
+            modes += [("plain/host", 0, 0, False, None)]
+            modes += [(f"adaptive(max {m})/host", None, m, False, None) for m in draft_maxes[-1:]]
+        if "serial" in variants:
+            modes += [(f"k={k}/serial", k, k, True, False) for k in ks[-1:]]
+            modes += [(f"adaptive(max {m})/serial", None, m, True, False) for m in draft_maxes[-1:]]
         runs: dict[str, list[dict[str, Any]]] = {m[0]: [] for m in modes}
-        generate(plain_gen, prompt, 16, 0)  # warm-up: first decodes allocate buffers
+        for plain_gen in plain_gens.values():  # warm-up: first decodes allocate buffers
+            generate(plain_gen, prompt, 16, 0)
         for _ in range(args.repeat):
-            for label, fixed_k, draft_max in modes:
+            for label, fixed_k, draft_max, on_device, ahead in modes:
                 # plain runs must not feed the MTP head: only its own generator watches the target
                 ctx.observers.clear()
-                ctx.output_hidden(isinstance(drafter, MTPDrafter) and label != "plain")
-                if label == "plain":
-                    gen = plain_gen
+                ctx.output_hidden(isinstance(drafter, MTPDrafter) and fixed_k != 0)
+                if fixed_k == 0:
+                    gen = plain_gens[on_device]
                 else:
-                    gen = Generator(target, ctx, drafter, draft_max=draft_max)
+                    gen = Generator(target, ctx, drafter, draft_max=draft_max, device_sampling=on_device,
+                                    lookahead=supports_gpu_offload() if ahead is None else ahead)
                     generate(gen, prompt, 8, fixed_k)  # warm the batch shape / controller
                 runs[label].append(generate(gen, prompt, args.tokens, fixed_k))
         reference = runs["plain"][0]["tokens"]
         gaps = top2_gaps(target, ctx, prompt, reference)
         plain_tps = statistics.median(r["decode_tps"] for r in runs["plain"])
         rows = []
-        for label, _, _ in modes:
+        for label, *_ in modes:
             rs = runs[label]
             tps = statistics.median(r["decode_tps"] for r in rs)
             drafted = sum(r["drafted"] for r in rs)
@@ -169,22 +191,24 @@ def main() -> None:
                 "runs_tps": [r["decode_tps"] for r in rs],
                 "profile_ms": rs[-1]["profile_ms"],
                 "tokens_per_pass": statistics.mean(r["n"] / max(r["passes"], 1) for r in rs),
+                "lookahead_per_pass": statistics.mean(r["lookahead_tokens"] / max(r["passes"], 1) for r in rs),
             })
         report["drafts"][name] = {"path": path, "rows": rows}
         print(f"\n== draft {name} ({path}) ==", flush=True)
-        print(f"{'mode':<18} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'mean len':>8} {'mean k':>7} {'same':>5}")
+        print(f"{'mode':<24} {'tok/s':>8} {'speedup':>8} {'accept':>7} {'mean len':>8} {'mean k':>7} {'same':>5}")
         for r in rows:
             acc = f"{100 * r['acceptance']:.0f}%" if r["acceptance"] is not None else "-"
             mal = f"{r['mean_accepted_len']:.2f}" if r["mean_accepted_len"] else "-"
             div = "; ".join(f"at {d['index']} (gap {d['plain_top2_gap']:.4f})" for d in r["divergence"])
-            print(f"{r['mode']:<18} {r['decode_tps']:8.1f} {r['speedup']:7.2f}x {acc:>7} {mal:>8} "
+            print(f"{r['mode']:<24} {r['decode_tps']:8.1f} {r['speedup']:7.2f}x {acc:>7} {mal:>8} "
                   f"{r['mean_k']:7.2f} {'yes' if r['same_tokens'] else 'NO':>5} {div}", flush=True)
         if args.profile:
             print("per pass, ms (last run of each mode):", flush=True)
             for r in rows:
                 parts = "  ".join(f"{k}={v:.3f}" for k, v in r["profile_ms"].items())
                 total = sum(r["profile_ms"].values())
-                print(f"  {r['mode']:<18} {total:7.3f} ms/pass, {r['tokens_per_pass']:.2f} tok/pass: {parts}",
+                print(f"  {r['mode']:<24} {total:7.3f} ms/pass, {r['tokens_per_pass']:.2f} tok/pass, "
+                      f"{r['lookahead_per_pass']:.2f} drafted ahead/pass: {parts}",
                       flush=True)
         if path != "ngram":
             drafter.close()

@@ -21,12 +21,12 @@ import numpy as np
 from beechat.config import CACHE_TYPES, MIN_MESSAGE_ROOM, Sampling
 from beechat.engine.chat_template import ChatTemplate, TemplateError, alternating
 from beechat.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, vocab_mismatch
-from beechat.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
 from beechat.engine.gguf_meta import read_metadata
 from beechat.engine.kv import KVLayout
 from beechat.engine.llama import Context, LlamaError, Model
 from beechat.engine.mtp import MTPContext, MTPDrafter, mtp_problem
 from beechat.engine.speculative import Generator
+from beechat.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
 
 Overflow = Literal["stop", "drop-oldest", "truncate-middle"]
 

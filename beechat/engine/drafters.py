@@ -3,6 +3,7 @@ they share with the MTP drafter (beechat.engine.mtp), which also sees what the t
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import numpy as np
 
 from beechat.config import Sampling
 from beechat.engine import profile
-from beechat.engine.llama import Context, Model, SavedState
+from beechat.engine.llama import Context, Logits, Model, SavedState
 from beechat.engine.sampling import Distribution, draft_token
 
 
@@ -46,8 +47,23 @@ class Drafter(Protocol):
         cache was cut back to pos0 first. Drafters that need nothing from the target ignore it."""
         ...
 
+    def sample_on_device(self, enabled: bool) -> None:
+        """Greedy replies without penalties: take the drafter's argmax on the device where it decodes
+        with a Context of its own (Context.sample_on_device); others ignore it."""
+        ...
+
     def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
         """Draft up to n tokens that follow `history` (which ends with the pending token)."""
+        ...
+
+    def start_lookahead(self, limit: int) -> bool:
+        """Go on drafting (at most `limit` tokens past the last proposal) in a thread while the
+        target verifies; the next propose uses what was drafted if the text went that way. False
+        when the drafter does not do that (or cannot now)."""
+        ...
+
+    def stop_lookahead(self) -> int:
+        """Stop drafting ahead and wait for it; returns the tokens it drafted."""
         ...
 
     def close(self) -> None: ...
@@ -96,6 +112,15 @@ class NgramDrafter:
                     self._index[s][tuple(history[j - s:j])] = j
         self._tokens.extend(history[len(self._tokens):])
 
+    def sample_on_device(self, enabled: bool) -> None:
+        pass  # it decodes nothing
+
+    def start_lookahead(self, limit: int) -> bool:
+        return False  # a lookup costs nothing at propose time
+
+    def stop_lookahead(self) -> int:
+        return 0
+
     def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
         started = time.perf_counter()
         self._extend_index(history)
@@ -119,13 +144,19 @@ class NgramDrafter:
 class DraftModelDrafter:
     """A small model with the target's vocabulary drafts autoregressively in its own context.
 
-    Sequence 0 of the draft's cache holds only confirmed text (the history but its pending
-    token). A recurrent (or hybrid) draft cannot cut its state back over several one-token
-    decodes, so it drafts on a branch: sequence 1, forked from sequence 0 on the device before
-    each draft (llama_memory_seq_cp; the recurrent state is copied on the GPU, nothing goes to
-    the host). Rejected drafts then cost nothing to undo: the next pass decodes the accepted
-    tokens onto sequence 0 in one batch and forks again. A plain transformer draft drafts on
-    sequence 0 and truncates.
+    Sequence 0 of the draft's cache holds only confirmed text (a prefix of the history). A
+    recurrent (or hybrid) draft cannot cut its state back over several one-token decodes, so it
+    drafts on a branch: sequence 1, forked from sequence 0 on the device (llama_memory_seq_cp;
+    the recurrent state is copied on the GPU, nothing goes to the host). Rejected drafts then cost
+    nothing to undo: the next pass decodes the confirmed tokens onto sequence 0 in one batch and
+    forks again. A plain transformer draft drafts on sequence 0 and truncates.
+
+    Greedy without penalties, the draft's text is a function of its input, so it keeps a chain:
+    what its live sequence (the branch, or sequence 0) decoded plus the token it would say next.
+    When the history continues along the chain (the target accepted every draft and its own
+    token agreed), the next pass starts from the chain instead of syncing, and `start_lookahead`
+    extends the chain in a thread while the target verifies: on a GPU the draft's small kernels
+    run beside the target's, so drafting mostly stops costing time when drafts are accepted.
     """
 
     kind = "draft"
@@ -142,6 +173,10 @@ class DraftModelDrafter:
         self._new_turn = True
         self._stable = 0  # history[:_stable] is known to equal the cache's first tokens
         self._branch_tokens: list[int] = []  # what the branch decoded after its fork
+        self._next: int | None = None  # greedy: the token after the live sequence (not decoded)
+        self._ahead: threading.Thread | None = None
+        self._ahead_stop = threading.Event()
+        self._ahead_steps = 0
 
     @staticmethod
     def context_for(model: Model, **kwargs: Any) -> Context:
@@ -155,9 +190,21 @@ class DraftModelDrafter:
     def observe(self, target: Context, tokens: Sequence[int], pos0: int) -> None:
         pass  # it evaluates the history itself, in its own context (sync)
 
+    def forget_chain(self) -> None:
+        """Draft the next reply afresh even where it repeats the last one (benchmarks repeat a prompt)."""
+        self._next = None
+
+    def _live(self) -> list[int]:
+        """A copy of the tokens whose state the draft decodes from next (sequence 0, then the branch)."""
+        return self.context.tokens + self._branch_tokens
+
+    def _live_len(self) -> int:
+        return len(self.context.tokens) + len(self._branch_tokens)
+
     def sync(self, history: Sequence[int]) -> int:
         """Bring sequence 0 to hold history[:-1] (everything but the pending token); returns the
         tokens decoded to get there."""
+        t = profile.mark()
         ctx = self.context
         want = len(history) - 1
         keep = min(common_prefix(ctx.tokens, history, self._stable), want)
@@ -171,13 +218,45 @@ class DraftModelDrafter:
             else:
                 ctx.drop_branch()  # its cells would crowd sequence 0 near the end of the context
         ctx.rewind(keep, self._turn_checkpoint)
+        t = profile.add("draft.sync.cut", t)
         caught_up = want - ctx.n_past
         if caught_up > 0:
             ctx.decode(history[ctx.n_past:want])
+            t = profile.add("draft.sync.decode", t)
         self._stable = want
         if self._branching and self._new_turn and want > 0:
             self._turn_checkpoint, self._new_turn = ctx.save_partial_state(), False
+            profile.add("draft.sync.checkpoint", t)
         return max(caught_up, 0)
+
+    def sample_on_device(self, enabled: bool) -> None:
+        self.context.sample_on_device(enabled)
+
+    def _decode(self, token: int) -> Logits:
+        """Decode one token onto the live sequence."""
+        if self._branching:
+            logits = self.context.decode_branch([token])
+            self._branch_tokens.append(token)
+            return logits
+        return self.context.decode([token])
+
+    def _step(self) -> int:
+        """Greedy: decode the chain's next token, and return the one after it (the new next)."""
+        assert self._next is not None
+        logits = self._decode(self._next)
+        ctx = self.context
+        self._next = ctx.sampled(1)[0] if ctx.device_greedy else int(np.argmax(logits[0]))
+        return self._next
+
+    def _chain_after(self, history: Sequence[int]) -> list[int] | None:
+        """Greedy drafts already known after `history`, if the history follows the chain."""
+        if self._next is None:
+            return None
+        chain = self._live()
+        chain.append(self._next)
+        if len(history) > len(chain) or chain[:len(history)] != list(history):
+            return None
+        return chain[len(history):]
 
     def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
         ctx = self.context
@@ -186,36 +265,77 @@ class DraftModelDrafter:
         if n <= 0:
             return proposal
         started = t = profile.mark()
-        proposal.caught_up = self.sync(history)
-        t = profile.add("draft.sync", t)
+        greedy = sampling.greedy and not sampling.penalizes
+        if ctx.device_greedy and not greedy:
+            ctx.sample_on_device(False)  # this proposal needs the logits rows
+        known = self._chain_after(history) if greedy else None
+        if known is not None:  # the history went the way the chain did: go on from it
+            proposal.tokens = known[:n]
+            while (len(proposal.tokens) < n and not (proposal.tokens and self.model.is_eog(proposal.tokens[-1]))
+                   and self._live_len() + 1 < ctx.n_ctx):
+                proposal.tokens.append(self._step())
+            proposal.dists = [None] * len(proposal.tokens)
+            profile.add("draft.chain", t)
+            proposal.seconds = time.perf_counter() - started
+            return proposal
+        self._next = None
+        proposal.caught_up = self.sync(history)  # profiled inside
+        t = profile.mark()
         if self._branching:
             ctx.fork()
-            decode = ctx.decode_branch
             t = profile.add("draft.fork", t)
-        else:
-            decode = ctx.decode
         proposal.overhead_seconds = t - started
-        logits = decode([history[-1]])
-        if self._branching:
-            self._branch_tokens.append(history[-1])
+        logits = self._decode(history[-1])
         t = profile.add("draft.decode", t)
         drafted_history = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n > 0 else []
         for i in range(n):
-            token, dist = draft_token(logits[0], drafted_history, sampling, rng)
+            if ctx.device_greedy:  # greedy without penalties: the device took the argmax
+                token, dist = ctx.sampled(1)[0], None
+            else:
+                token, dist = draft_token(logits[0], drafted_history, sampling, rng)
             proposal.tokens.append(token)
             proposal.dists.append(dist)
             drafted_history.append(token)
             t = profile.add("draft.sample", t)
             if self.model.is_eog(token) or i == n - 1:
                 break
-            logits = decode([token])
-            if self._branching:
-                self._branch_tokens.append(token)
+            logits = self._decode(token)
             t = profile.add("draft.decode", t)
+        if greedy and proposal.tokens:
+            self._next = proposal.tokens[-1]  # sampled from the live sequence's last decode
         proposal.seconds = time.perf_counter() - started
         return proposal
 
+    def start_lookahead(self, limit: int) -> bool:
+        if self._next is None or self._ahead is not None or limit <= 0:
+            return False
+        self._ahead_stop.clear()
+        self._ahead_steps = 0
+        self._ahead = threading.Thread(target=self._look_ahead, args=(limit,), name="beechat-lookahead", daemon=True)
+        self._ahead.start()
+        return True
+
+    def _look_ahead(self, limit: int) -> None:
+        try:
+            room = self.context.n_ctx - 1 - self._live_len()
+            for _ in range(min(limit, room)):
+                if self._ahead_stop.is_set() or self._next is None or self.model.is_eog(self._next):
+                    break
+                self._step()
+                self._ahead_steps += 1
+        except Exception:  # the chain is unusable: the next pass syncs from the history
+            self._next = None
+
+    def stop_lookahead(self) -> int:
+        if self._ahead is None:
+            return 0
+        self._ahead_stop.set()
+        self._ahead.join()
+        self._ahead = None
+        return self._ahead_steps
+
     def close(self) -> None:
+        self.stop_lookahead()
         self.context.close()
         self.model.close()
 

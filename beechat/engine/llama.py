@@ -165,6 +165,8 @@ class Model:
                  cancel: threading.Event | None = None, vocab_only: bool = False, load_mtp: bool = False) -> None:
         log = llama_log()
         self.path = path
+        # weights on a GPU: the draft model can then draft ahead while the target verifies
+        self.offloaded = n_gpu_layers != 0 and not vocab_only and supports_gpu_offload()
         params = lc.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 10_000
         params.vocab_only = vocab_only
@@ -291,6 +293,9 @@ class Context:
         params.n_seq_max = 2 if branch else 1
         params.kv_unified = True
         params.n_rs_seq = n_rs_seq
+        # a device sampler (sample_on_device) may then sample every row of a verify batch (the
+        # default, 1, lets it sample only one output per sequence and decode fails otherwise)
+        params.n_outputs_max_per_seq = params.n_batch
         set_shared_params(params, n_threads=n_threads, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
         self.log_mark = log.mark()
         ptr = lc.llama_init_from_model(model.ptr, params)
@@ -326,6 +331,9 @@ class Context:
         # the previous end means the cache was cut back to pos0 first).
         self.observers: list[Callable[[Context, Sequence[int], int], None]] = []
         self.hidden_output = False
+        self.device_greedy = False  # see sample_on_device
+        self._greedy_chains: list[Any] = []
+        self._arange = np.arange(self.n_batch, dtype=np.int32)
 
     @property
     def n_past(self) -> int:
@@ -349,6 +357,49 @@ class Context:
             raise LlamaError("the target did not output hidden states")
         out: Logits = np.ctypeslib.as_array(ptr, shape=(n, self.model.n_embd_out))
         return out
+
+    def sample_on_device(self, enabled: bool) -> bool:
+        """Greedy sampling on the device: every decode then computes each output row's argmax in its
+        graph and copies back one token id per row (`sampled`) instead of the row's logits (1 MB per
+        row with a 248k vocabulary; a verify batch of 33 rows copied 33 MB and took its argmax on
+        the CPU). While it is on, `decode` returns no logits rows. Returns whether it is on: False
+        when the backend cannot run the sampler (the logits path is used then)."""
+        if enabled == self.device_greedy or not self.ptr:
+            return self.device_greedy
+        if enabled:
+            # fresh chains each time: llama.cpp initialises a chain's device buffers when it is
+            # attached and aborts when an attached-before chain is attached again
+            for _ in range(self.n_seq_max):
+                chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+                self._greedy_chains.append(chain)
+            attached = [lc.llama_set_sampler(self.ptr, seq, chain) for seq, chain in enumerate(self._greedy_chains)]
+            if not all(attached):
+                self._detach_samplers()
+                return False
+        else:
+            self._detach_samplers()
+        self.device_greedy = enabled
+        return enabled
+
+    def _detach_samplers(self) -> None:
+        if self.ptr:
+            for seq in range(self.n_seq_max):
+                lc.llama_set_sampler(self.ptr, seq, None)
+        for chain in self._greedy_chains:
+            lc.llama_sampler_free(chain)
+        self._greedy_chains = []
+        self.device_greedy = False
+
+    def sampled(self, rows: int) -> list[int]:
+        """The device's greedy tokens for the last decode's output rows: its last `rows` outputs
+        (the one output of a decode, or every row of an all_logits decode)."""
+        if not self.device_greedy:
+            raise LlamaError("sampled() needs sample_on_device(True)")
+        tokens = [int(lc.llama_get_sampled_token_ith(self.ptr, i)) for i in range(-rows, 0)]
+        if any(t < 0 for t in tokens):
+            raise LlamaError("the device did not sample a token for every output row")
+        return tokens
 
     def log_lines(self) -> list[str]:
         """llama.cpp log lines printed while this context was created (e.g. its KV size)."""
@@ -394,14 +445,20 @@ class Context:
         pos0 = self.branch_n_past
         self._batch.n_tokens = n
         self._batch_tokens[:n] = tokens
-        self._batch_pos[:n] = np.arange(pos0, pos0 + n, dtype=np.int32)
+        np.add(self._arange[:n], pos0, out=self._batch_pos[:n])
         self._batch_logits[:n] = 0
         self._batch_logits[n - 1] = 1
         rc = lc.llama_decode(self.ptr, self._batch)
         if rc != 0:
             raise LlamaError(f"llama_decode failed (code {rc}) at position {pos0} of the draft branch")
         self.branch_n_past += n
-        out: Logits = np.ctypeslib.as_array(lc.llama_get_logits(self.ptr), shape=(1, self.n_vocab))
+        return self._logits(1)
+
+    def _logits(self, rows: int) -> Logits:
+        """The last decode's logits rows, a view into llama.cpp's buffer (none while the device samples)."""
+        if self.device_greedy:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        out: Logits = np.ctypeslib.as_array(lc.llama_get_logits(self.ptr), shape=(rows, self.n_vocab))
         return out
 
     def _set_batch_seq(self, seq: int, n: int = 0) -> None:
@@ -439,7 +496,7 @@ class Context:
             pos0 = self.n_past
             self._batch.n_tokens = size
             self._batch_tokens[:size] = tokens[start:start + size]
-            self._batch_pos[:size] = np.arange(pos0, pos0 + size, dtype=np.int32)
+            np.add(self._arange[:size], pos0, out=self._batch_pos[:size])
             self._batch_logits[:size] = 1 if (all_logits and last_chunk) else 0
             if last_chunk:
                 self._batch_logits[size - 1] = 1
@@ -459,10 +516,7 @@ class Context:
             for observe in self.observers:
                 observe(self, tokens[start:start + size], pos0)
             start += size
-        rows = n if all_logits else 1
-        ptr = lc.llama_get_logits(self.ptr)
-        out: Logits = np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
-        return out
+        return self._logits(n if all_logits else 1)
 
     def _resync(self, chunk: Sequence[int], pos0: int) -> None:
         cells = int(lc.llama_memory_seq_pos_max(self.memory, 0)) + 1
@@ -554,6 +608,7 @@ class Context:
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
+            self._detach_samplers()
             lc.llama_batch_free(self._batch)
             lc.llama_free(self.ptr)
             self.ptr = None

@@ -245,6 +245,15 @@ class MTPDrafter:
     def begin(self, history: Sequence[int]) -> None:
         pass
 
+    def sample_on_device(self, enabled: bool) -> None:
+        pass  # its head's context is tiny next to the target's vocabulary rows; it samples on the host
+
+    def start_lookahead(self, limit: int) -> bool:
+        return False  # each draft needs the target's hidden state of the text before it
+
+    def stop_lookahead(self) -> int:
+        return 0
+
     def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
         proposal = Proposal()
         started = time.perf_counter()

@@ -173,7 +173,8 @@ class Generator:
     """Generates from a target context with an optional drafter."""
 
     def __init__(self, target: Model, context: Context, drafter: Drafter | None = None,
-                 draft_max: int = 16, adaptive: bool = True) -> None:
+                 draft_max: int = 16, adaptive: bool = True, device_sampling: bool | None = None,
+                 lookahead: bool | None = None) -> None:
         self.target = target
         self.context = context
         self.drafter = drafter
@@ -181,6 +182,16 @@ class Generator:
             context.observers.append(drafter.observe)  # drafters see every target decode (MTP needs that)
         self.controller = DraftController(draft_max=draft_max if drafter else 0)
         self.adaptive = adaptive
+        # By default (None) both only where the target runs on a GPU:
+        # - greedy replies without penalties take each row's argmax on the device
+        #   (Context.sample_on_device): one token id per row comes back instead of a row of logits.
+        #   On a CPU ggml's argmax graph is slower than numpy's over the copied row (2x per token
+        #   on the tiny test models), so the logits path stays there.
+        # - the drafter goes on drafting while the target verifies (DraftModelDrafter.start_lookahead):
+        #   a GPU runs both at once; on a CPU they would share the cores.
+        self.device_sampling = target.offloaded if device_sampling is None else device_sampling
+        self.lookahead = target.offloaded if lookahead is None else lookahead
+        self.lookahead_tokens = 0  # drafted during verifies (for benchmarks)
         # Recurrent targets cut their state back through snapshots (n_rs_seq); a checkpoint of the
         # recurrent state taken after each prefill lets the next turn reuse the prefix anyway.
         self._recurrent = target.is_recurrent or target.is_hybrid
@@ -215,7 +226,10 @@ class Generator:
         history = list(prompt)
         emitted = 0
         self.finish_reason = "length"
+        on_device = self.device_sampling and sampling.greedy and not sampling.penalizes
+        ctx.sample_on_device(on_device)
         if self.drafter is not None:
+            self.drafter.sample_on_device(on_device)
             self.drafter.begin(history)
         while emitted < max_tokens and not cancel.is_set():
             pass_started = time.perf_counter()
@@ -232,7 +246,18 @@ class Generator:
                 k = self.controller.choose(limit)
             proposal = self.drafter.propose(history, k, sampling, rng) if (self.drafter and k > 0) else None
             drafts = proposal.tokens[:k] if proposal else []
-            step, verify_seconds = self._verify(history, drafts, proposal.dists if proposal else [], sampling, rng)
+            ahead = (self.lookahead and self.drafter is not None and bool(drafts)
+                     and self.drafter.start_lookahead(self.controller.draft_max + 1))
+            joined = 0.0
+            try:
+                step, verify_seconds = self._verify(history, drafts, proposal.dists if proposal else [],
+                                                    sampling, rng)
+            finally:
+                if ahead and self.drafter is not None:
+                    waited = time.perf_counter()
+                    self.lookahead_tokens += self.drafter.stop_lookahead()
+                    joined = profile.add("verify.lookahead_join", waited) - waited
+            verify_seconds += joined  # the draft step that ran past the verify is part of the pass
             if self.adaptive and self.drafter is not None:
                 if proposal is not None and drafts:
                     self.controller.observe(len(drafts), step.n_from_draft, proposal.seconds, verify_seconds,
@@ -272,30 +297,35 @@ class Generator:
         out: list[int] = []
         accepted = 0
         greedy = sampling.greedy
-        # greedy without a penalty: every row's argmax in one call
-        argmaxes = (np.argmax(logits[:len(drafts) + 1], axis=1).tolist()
-                    if greedy and not sampling.penalizes else None)
+        # greedy without a penalty: every row's argmax at once, on the device or in one numpy call
+        argmaxes: list[int] | None = None
+        if ctx.device_greedy:
+            argmaxes = ctx.sampled(len(drafts) + 1)
+        elif greedy and not sampling.penalizes:
+            argmaxes = np.argmax(logits[:len(drafts) + 1], axis=1).tolist()
         # the penalty window for row i: the recent history plus drafts[:i]
         tail = history[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
         for i in range(len(drafts) + 1):
+            if argmaxes is not None:  # greedy, no row needed
+                out.append(argmaxes[i])
+                if i < len(drafts) and argmaxes[i] == drafts[i]:
+                    accepted += 1
+                    continue
+                break
             row = logits[i]
             seen = tail + drafts[:i]
             if i == len(drafts):  # all drafts accepted: a bonus token from the last row
-                if argmaxes is not None:
-                    out.append(argmaxes[i])
-                else:
-                    out.append(greedy_token(row, seen, sampling) if greedy
-                               else distribution(row, seen, sampling).sample(rng))
+                out.append(greedy_token(row, seen, sampling) if greedy
+                           else distribution(row, seen, sampling).sample(rng))
                 break
             draft = drafts[i]
             if greedy:
-                best = argmaxes[i] if argmaxes is not None else greedy_token(row, seen, sampling)
-                if best == draft:
-                    out.append(draft)
-                    accepted += 1
-                    continue
+                best = greedy_token(row, seen, sampling)
                 out.append(best)
-                break
+                if best != draft:
+                    break
+                accepted += 1
+                continue
             p = distribution(row, seen, sampling)
             token, ok = verify_draft(p, dists[i] if i < len(dists) else None, draft, rng)
             out.append(token)
