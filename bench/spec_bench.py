@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import llama_cpp  # noqa: F401  # ggml's libraries must load before numpy's OpenBLAS
+import llama_cpp  # ggml's libraries must load before numpy's OpenBLAS
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,6 +51,7 @@ def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None
         gen.drafter.forget_chain()  # the same prompt again: its last reply must not be free drafts
     ahead_before = gen.lookahead_tokens
     gen.prefill(prompt)
+    llama_cpp.llama_perf_context_reset(gen.context.ptr)
     out: list[int] = []
     drafted = accepted = passes = 0
     ks: list[int] = []
@@ -67,7 +68,13 @@ def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None
     return {"tokens": out, "n": len(out), "decode_tps": clock.decode_tps, "drafted": drafted, "accepted": accepted,
             "passes": passes, "acceptance": accepted / drafted if drafted else None,
             "mean_k": statistics.mean(ks) if ks else 0, "profile_ms": prof.per_pass_ms(),
-            "lookahead_tokens": gen.lookahead_tokens - ahead_before}
+            "lookahead_tokens": gen.lookahead_tokens - ahead_before, "graphs": graph_counts(gen.context)}
+
+
+def graph_counts(ctx: Context) -> int:
+    """How many of the target's decodes since the reply started reused the previous decode's
+    compute graph (llama.cpp's count; a rebuilt graph costs host time on that decode)."""
+    return int(llama_cpp.llama_perf_context(ctx.ptr).n_reused)
 
 
 def top2_gaps(target: Model, ctx: Context, prompt: list[int], tokens: list[int]) -> list[float]:
@@ -133,8 +140,8 @@ def main() -> None:
     report: dict[str, Any] = {"target": args.target, "tokens": args.tokens, "repeat": args.repeat, "drafts": {}}
 
     variants = [v for v in args.variants.split(",") if v]
-    if any(v not in ("host", "serial") for v in variants):
-        ap.error(f"--variants: expected host and/or serial, got {args.variants!r}")
+    if any(v not in ("host", "serial", "diag") for v in variants):
+        ap.error(f"--variants: expected host, serial, diag, got {args.variants!r}")
     plain_gens = {True: Generator(target, ctx, None, device_sampling=True),
                   False: Generator(target, ctx, None, device_sampling=False)}
     for name_path in args.draft or []:
@@ -157,6 +164,8 @@ def main() -> None:
         if "serial" in variants:
             modes += [(f"k={k}/serial", k, k, True, False) for k in ks[-1:]]
             modes += [(f"adaptive(max {m})/serial", None, m, True, False) for m in draft_maxes[-1:]]
+        if "diag" in variants:  # the drafter's generator with drafting off, and plain again at the end
+            modes += [("k=0 (drafter attached)", 0, 1, True, None), ("plain again", 0, 0, True, None)]
         runs: dict[str, list[dict[str, Any]]] = {m[0]: [] for m in modes}
         for plain_gen in plain_gens.values():  # warm-up: first decodes allocate buffers
             generate(plain_gen, prompt, 16, 0)
@@ -165,7 +174,7 @@ def main() -> None:
                 # plain runs must not feed the MTP head: only its own generator watches the target
                 ctx.observers.clear()
                 ctx.output_hidden(isinstance(drafter, MTPDrafter) and fixed_k != 0)
-                if fixed_k == 0:
+                if label.startswith("plain"):
                     gen = plain_gens[on_device]
                 else:
                     gen = Generator(target, ctx, drafter, draft_max=draft_max, device_sampling=on_device,
@@ -192,6 +201,7 @@ def main() -> None:
                 "profile_ms": rs[-1]["profile_ms"],
                 "tokens_per_pass": statistics.mean(r["n"] / max(r["passes"], 1) for r in rs),
                 "lookahead_per_pass": statistics.mean(r["lookahead_tokens"] / max(r["passes"], 1) for r in rs),
+                "graphs_reused": f"{sum(r['graphs'] for r in rs)}/{sum(r['passes'] for r in rs)}",
             })
         report["drafts"][name] = {"path": path, "rows": rows}
         print(f"\n== draft {name} ({path}) ==", flush=True)
@@ -208,7 +218,8 @@ def main() -> None:
                 parts = "  ".join(f"{k}={v:.3f}" for k, v in r["profile_ms"].items())
                 total = sum(r["profile_ms"].values())
                 print(f"  {r['mode']:<24} {total:7.3f} ms/pass, {r['tokens_per_pass']:.2f} tok/pass, "
-                      f"{r['lookahead_per_pass']:.2f} drafted ahead/pass: {parts}",
+                      f"{r['lookahead_per_pass']:.2f} drafted ahead/pass, graphs reused/passes "
+                      f"{r['graphs_reused']}: {parts}",
                       flush=True)
         if path != "ngram":
             drafter.close()
