@@ -69,10 +69,10 @@ fi
 if has hybrid; then
   python3 bench/spec_bench.py --target $M/hybrid.gguf --draft good=$M/hdraft.gguf --draft ngram=ngram \
     --tokens $TOKENS --ks ${KS:-4,8,16} --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
-    --variants host,serial --profile --json-out $RES/spec_bench_hybrid.json 2>&1 | tee $RES/spec_bench_hybrid.txt
+    --variants ${VARIANTS:-host,serial} --profile --json-out $RES/spec_bench_hybrid.json 2>&1 | tee $RES/spec_bench_hybrid.txt
   # a useless draft: fixed lengths only show how much a controller must save, one is enough
   python3 bench/spec_bench.py --target $M/hybrid.gguf --draft useless=$M/huseless.gguf \
-    --tokens $TOKENS --ks 4 --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
+    --tokens $TOKENS --ks 4 --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} ${USELESS_VARIANTS:+--variants $USELESS_VARIANTS} \
     --profile --json-out $RES/spec_bench_hybrid_useless.json 2>&1 | tee $RES/spec_bench_hybrid_useless.txt
   pack
 fi
