@@ -146,3 +146,21 @@ def test_the_chain_is_used_only_for_greedy_replies(tiny_models: dict[str, Path])
     proposal = drafter.propose(prompt, 4, Sampling(temperature=0.9), np.random.default_rng(0))
     assert len(proposal.dists) == len(proposal.tokens) > 0 and all(d is not None for d in proposal.dists)
     assert not drafter.start_lookahead(8)  # no chain after a sampled proposal
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_probes_run_beside_plain_passes(tiny_models: dict[str, Path], lookahead: bool) -> None:
+    """Greedy probes never change the target's batch: the drafter's first token is compared with the
+    target's own (in a thread beside the target's decode when drafting ahead is on). A useless draft
+    then never makes the target verify a draft; a perfect one is seen to agree. (Whether drafting
+    then pays depends on the machine: here the tiny draft costs about what the target does.)"""
+    want, _, _ = run(generator(tiny_models["bigram_target"], device=False), GREEDY, 64)
+    useless = generator(tiny_models["bigram_target"], tiny_models["other_draft"], device=True, lookahead=lookahead)
+    got, drafted, _ = run(useless, GREEDY, 64)
+    assert got == want
+    assert drafted == 0 and useless.controller.acceptance < 0.2
+    assert useless.controller.draft_cost is not None  # the probes drafted
+    perfect = generator(tiny_models["bigram_target"], tiny_models["bigram_draft"], device=True, lookahead=lookahead)
+    got, drafted, accepted = run(perfect, GREEDY, 64)
+    assert got == want
+    assert perfect.controller.acceptance > 0.8 and accepted == drafted

@@ -13,6 +13,7 @@ sample t ~ p_i and accept iff t == d_i. Either way the emitted text has the targ
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 
 from beechat.config import Sampling
 from beechat.engine import profile
-from beechat.engine.drafters import Drafter, common_prefix
+from beechat.engine.drafters import Drafter, Proposal, common_prefix
 from beechat.engine.llama import Context, LlamaError, Model, SavedState
 from beechat.engine.sampling import Distribution, distribution, greedy_token, verify_draft
 
@@ -48,10 +49,17 @@ class DraftController:
     drafted token, c_verify(n) the target's pass over n tokens (an EMA per batch size, the first
     run of each size dropped because it builds graphs; sizes not yet seen are interpolated or
     extrapolated). Acceptance is the geometric-model estimate accepted / tested, decayed so it
-    follows the text. It starts by timing plain steps and a short draft, then optimises; when no
-    k > 0 beats plain decoding by MARGIN it stops drafting and probes with one draft token now and
-    then, backing off while probes keep failing. A drafter that finds nothing to propose (an
-    n-gram miss) has not failed a probe: it is asked again on the next pass.
+    follows the text. It starts by timing plain steps and probing (one draft token, tested LEARN_PROBES times),
+    then optimises, with a verify cost per extra token assumed from a prior until measured; when no
+    k > 0 beats plain decoding by MARGIN it stops drafting and probes now and then, backing off
+    while probes keep failing. A drafter that finds nothing to propose (an n-gram miss) has not
+    failed a probe: it is asked again on the next pass.
+
+    A greedy Generator runs a probe in the shadow of a plain pass (`observe_probe`): the drafter's
+    first token is compared with the target's own, so the target's batch shape never changes for a
+    probe. On a GPU a new batch shape costs a graph rebuild and a CUDA graph capture (tens of ms on
+    a 27B model), which is also why the first two passes after a size change do not update that
+    size's cost and why a drafting k changes only for a gain of SWITCH_MARGIN.
     """
 
     draft_max: int
@@ -68,34 +76,64 @@ class DraftController:
     _stale: bool = True  # estimates changed since the last full choice
     _last_choice: int = 0
     _probing: bool = False
+    _probes: int = 0  # probes observed (learning needs LEARN_PROBES)
+    _last_n: int = 0  # the previous pass's verify batch size
+    _same_n: int = 0  # passes in a row with that size
 
     MIN_PROBE, MAX_PROBE = 16, 256
     MARGIN = 1.03
+    SWITCH_MARGIN = 1.05
     PROBE_K = 1
+    LEARN_PROBES = 3
 
     @property
     def acceptance(self) -> float:
         return self.accepted_w / self.tested_w if self.tested_w > 0 else 0.0
 
+    @property
+    def probing(self) -> bool:
+        """The last choice was a probe (the Generator may run it in the shadow of a plain pass)."""
+        return self._probing
+
+    def _count_test(self, k: int, accepted: int) -> None:
+        tested = accepted + (1 if accepted < k else 0)
+        self.accepted_w = self.decay * self.accepted_w + accepted
+        self.tested_w = self.decay * self.tested_w + tested
+        self._stale = True
+
+    def _count_draft_cost(self, k: int, draft_seconds: float, fixed_seconds: float, caught_up: int) -> None:
+        per_token = max(draft_seconds - fixed_seconds, 0.0) / k
+        self.draft_cost = per_token if self.draft_cost is None else 0.8 * self.draft_cost + 0.2 * per_token
+        if caught_up <= self.draft_max + 1:  # not a long catch-up after drafting was off
+            self.fixed_cost = 0.8 * self.fixed_cost + 0.2 * fixed_seconds
+
+    def observe_probe(self, accepted: bool, draft_seconds: float, fixed_seconds: float = 0.0,
+                      caught_up: int = 0) -> None:
+        """A probe run beside a plain pass: whether the drafter's first token was the target's, and
+        what drafting it cost. The plain pass itself is reported with observe(0, ...)."""
+        self._probes += 1
+        self._count_test(1, int(accepted))
+        self._count_draft_cost(1, draft_seconds, fixed_seconds, caught_up)
+
     def observe(self, k: int, accepted: int, draft_seconds: float, verify_seconds: float,
                 fixed_seconds: float = 0.0, caught_up: int = 0) -> None:
         """One pass: k drafts, `accepted` of them accepted; `draft_seconds` all the drafter spent,
         `fixed_seconds` of it before the first draft, after evaluating `caught_up` tokens."""
-        self._probing = False
         if k > 0:
-            tested = accepted + (1 if accepted < k else 0)
-            self.accepted_w = self.decay * self.accepted_w + accepted
-            self.tested_w = self.decay * self.tested_w + tested
-            per_token = max(draft_seconds - fixed_seconds, 0.0) / k
-            self.draft_cost = per_token if self.draft_cost is None else 0.8 * self.draft_cost + 0.2 * per_token
-            if caught_up <= self.draft_max + 1:  # not a long catch-up after drafting was off
-                self.fixed_cost = 0.8 * self.fixed_cost + 0.2 * fixed_seconds
-            self._stale = True
+            if self._probing:
+                self._probes += 1
+            self._count_test(k, accepted)
+            self._count_draft_cost(k, draft_seconds, fixed_seconds, caught_up)
+        self._probing = False
         n = k + 1
+        self._same_n = self._same_n + 1 if n == self._last_n else 0
+        self._last_n = n
         if n not in self._warm:  # the first decode of a new batch shape includes one-time setup
             self._warm.add(n)
             return
         old = self.verify_cost.get(n)
+        if old is not None and self._same_n < 2:  # a graph rebuild and capture after a size change
+            return
         self._stale = self._stale or old is None
         self.verify_cost[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
 
@@ -144,8 +182,9 @@ class DraftController:
             return 0
         if 1 not in self.verify_cost:
             return 0  # first time plain steps: the baseline every draft must beat
-        if self.draft_cost is None or len(self.verify_cost) < 2:
-            return min(limit, 2)  # then a short draft, to time drafting and verifying
+        if self.draft_cost is None or self._probes < self.LEARN_PROBES:
+            self._probing = True  # then probes: acceptance and the draft's cost
+            return min(limit, self.PROBE_K)
         if self._stale or self._last_choice > 0:  # while drafting is off only probes change anything
             # drafting must beat plain by a margin: the estimates are noisy and a wrong "yes" costs more
             plain = (self.expected_rate(0) or 0.0) * self.MARGIN
@@ -154,6 +193,11 @@ class DraftController:
                 rate = self.expected_rate(k) or 0.0
                 if rate > best_rate:
                     best_k, best_rate = k, rate
+            last = self._last_choice
+            # a new batch shape must pay for itself
+            if (0 < last <= limit and best_k not in (0, last)
+                    and best_rate < (self.expected_rate(last) or 0.0) * self.SWITCH_MARGIN):
+                best_k = last
             self._stale, self._last_choice = False, best_k
         best_k = min(self._last_choice, limit)
         if best_k > 0:
@@ -244,28 +288,11 @@ class Generator:
                 k = min(fixed_k, limit)
             else:
                 k = self.controller.choose(limit)
-            proposal = self.drafter.propose(history, k, sampling, rng) if (self.drafter and k > 0) else None
-            drafts = proposal.tokens[:k] if proposal else []
-            ahead = (self.lookahead and self.drafter is not None and bool(drafts)
-                     and self.drafter.start_lookahead(self.controller.draft_max + 1))
-            joined = 0.0
-            try:
-                step, verify_seconds = self._verify(history, drafts, proposal.dists if proposal else [],
-                                                    sampling, rng)
-            finally:
-                if ahead and self.drafter is not None:
-                    waited = time.perf_counter()
-                    self.lookahead_tokens += self.drafter.stop_lookahead()
-                    joined = profile.add("verify.lookahead_join", waited) - waited
-            verify_seconds += joined  # the draft step that ran past the verify is part of the pass
-            if self.adaptive and self.drafter is not None:
-                if proposal is not None and drafts:
-                    self.controller.observe(len(drafts), step.n_from_draft, proposal.seconds, verify_seconds,
-                                            proposal.overhead_seconds, proposal.caught_up)
-                else:
-                    if proposal is not None and self.drafter.kind == "ngram":  # a miss costs nothing
-                        self.controller.nothing_proposed()
-                    self.controller.observe(0, 0, 0.0, verify_seconds)
+            if (self.drafter is not None and k > 0 and fixed_k is None and self.controller.probing
+                    and sampling.greedy and not sampling.penalizes):
+                step = self._shadow_probe(history, k, sampling, rng)
+            else:
+                step = self._pass(history, k, sampling, rng)
             if len(step.tokens) > max_tokens - emitted:
                 step.tokens = step.tokens[:max_tokens - emitted]
                 step.n_from_draft = min(step.n_from_draft, len(step.tokens))
@@ -281,6 +308,68 @@ class Generator:
                 return
         if cancel.is_set():
             self.finish_reason = "cancelled"
+
+    def _pass(self, history: list[int], k: int, sampling: Sampling, rng: np.random.Generator) -> Step:
+        """Draft k tokens (none when k is 0), verify them, tell the controller what it cost."""
+        proposal = self.drafter.propose(history, k, sampling, rng) if (self.drafter and k > 0) else None
+        drafts = proposal.tokens[:k] if proposal else []
+        ahead = (self.lookahead and self.drafter is not None and bool(drafts)
+                 and self.drafter.start_lookahead(self.controller.draft_max + 1))
+        joined = 0.0
+        try:
+            step, verify_seconds = self._verify(history, drafts, proposal.dists if proposal else [], sampling, rng)
+        finally:
+            if ahead and self.drafter is not None:
+                waited = time.perf_counter()
+                self.lookahead_tokens += self.drafter.stop_lookahead()
+                joined = profile.add("verify.lookahead_join", waited) - waited
+        verify_seconds += joined  # the draft step that ran past the verify is part of the pass
+        if self.adaptive and self.drafter is not None:
+            if proposal is not None and drafts:
+                self.controller.observe(len(drafts), step.n_from_draft, proposal.seconds, verify_seconds,
+                                        proposal.overhead_seconds, proposal.caught_up)
+            else:
+                if proposal is not None and self.drafter.kind == "ngram":  # a miss costs nothing
+                    self.controller.nothing_proposed()
+                self.controller.observe(0, 0, 0.0, verify_seconds)
+        return step
+
+    def _shadow_probe(self, history: list[int], k: int, sampling: Sampling, rng: np.random.Generator) -> Step:
+        """A greedy probe beside a plain pass: the drafter drafts while the target decodes one token
+        (in a thread where the drafter has a context of its own and runs beside the target), and
+        its first draft is compared with the target's token. The target's batch keeps its shape."""
+        drafter = self.drafter
+        assert drafter is not None
+        found: list[Proposal] = []
+
+        def draft() -> None:
+            with contextlib.suppress(LlamaError):  # a failed probe drafts nothing; the reply goes on
+                found.append(drafter.propose(history, k, sampling, rng))
+
+        beside = threading.Thread(target=draft, name="beechat-probe", daemon=True) \
+            if self.lookahead and drafter.kind == "draft" else None
+        if beside is not None:
+            beside.start()
+        else:
+            draft()
+        joined = 0.0
+        try:
+            step, verify_seconds = self._verify(history, [], [], sampling, rng)
+        finally:
+            if beside is not None:
+                waited = time.perf_counter()
+                beside.join()
+                joined = profile.add("probe.join", waited) - waited
+        proposal = found[0] if found else None
+        if self.adaptive:
+            if proposal is None or not proposal.tokens:
+                self.controller.nothing_proposed()
+            else:
+                target_token = step.tokens[0] if step.tokens else None
+                self.controller.observe_probe(proposal.tokens[0] == target_token, proposal.seconds,
+                                              proposal.overhead_seconds, proposal.caught_up)
+            self.controller.observe(0, 0, 0.0, verify_seconds + joined)
+        return step
 
     def _verify(self, history: list[int], drafts: list[int], dists: Sequence[Distribution | None],
                 sampling: Sampling, rng: np.random.Generator) -> tuple[Step, float]:
