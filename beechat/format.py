@@ -18,8 +18,9 @@ def human_bytes(value: int | float | None) -> str:
     return f"{size:.1f} TiB"
 
 
-def rate(value: float | None, unit: str = "tok/s") -> str:
-    return NA if value is None else f"{value:.1f} {unit}"
+def rate(value: float | None) -> str:
+    """Tokens per second, one decimal (every rate beechat shows is one)."""
+    return NA if value is None else f"{value:.1f} tok/s"
 
 
 def percent(value: float | None) -> str:

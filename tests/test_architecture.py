@@ -1,4 +1,5 @@
-"""Architecture checks: the import graph of beechat has no cycles, lazy imports included."""
+"""Architecture checks: the import graph of beechat has no cycles (lazy imports included), the layer
+contracts hold, and no module grows past a size one reader can hold in mind."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import beechat
 
 PACKAGE_DIR = Path(beechat.__file__).resolve().parent
+# issue 12: the largest module is under 500 lines; past that, a module usually holds two jobs
+MAX_MODULE_LINES = 500
 
 
 def _module_name(path: Path) -> str:
@@ -123,3 +126,10 @@ def test_import_contracts_hold() -> None:
                             text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+def test_every_module_is_under_500_lines() -> None:
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in _modules().items()}
+    too_long = {name: n for name, n in sorted(sizes.items()) if n >= MAX_MODULE_LINES}
+    assert not too_long, f"modules of {MAX_MODULE_LINES} lines or more (split them by responsibility): " + ", ".join(
+        f"{name} ({n})" for name, n in too_long.items())

@@ -4,8 +4,8 @@
 hold a recurrent state, and the sliding-window (SWA) layout; its methods give bytes per token,
 the capacity llama.cpp allocates for an n_ctx, the bytes in use for n tokens, and the largest
 context that fits in memory. Nothing is specific to one model: the rules are those of the
-vendored llama.cpp (llama-model.cpp create_memory, llama-kv-cache.cpp, llama-kv-cache-iswa.cpp,
-llama-memory-recurrent.cpp, llama-hparams.cpp), keyed on the architecture name.
+vendored llama.cpp (llama-kv-cache.cpp, llama-kv-cache-iswa.cpp, llama-memory-recurrent.cpp for
+the bytes here; which layer holds what, per architecture, is in kv_arch.py).
 
 Qwen3.6-27B (`qwen35`, 64 trunk layers + 1 MTP layer, full_attention_interval 4): layers 3, 7, ..
 63 are attention (16 layers x 4 KV heads x 256 dims, K and V), the MTP layer holds no KV in the
@@ -24,10 +24,19 @@ main context, the 48 Gated DeltaNet layers hold a fixed f32 state:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from beechat.engine.gguf_meta import GGUFMetadata
+from beechat.engine.kv_arch import (
+    APPROXIMATE_ARCHS,
+    ROLLBACK_ARCHS,
+    as_int,
+    kv_from_start,
+    memory_filters,
+    per_layer,
+    recurrent_widths,
+    swa_layout,
+)
 
 MIB = 1024 * 1024
 CTX_PAD = 256  # llama-context.cpp:290 GGML_PAD(n_ctx, 256); the SWA cache too (llama-kv-cache-iswa.cpp:73)
@@ -92,96 +101,6 @@ def padded_n_ctx(n_ctx: int) -> int:
 def _pad(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
-
-# -- architecture tables (llama-arch.cpp, llama-model.cpp create_memory, models/*.cpp) ----------
-
-_RECURRENT_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
-_HYBRID_ARCHS = frozenset({
-    "jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "nemotron_h", "nemotron_h_moe",
-    "qwen3next", "kimi-linear", "bailingmoe3", "kimi-k3", "glm5-next", "qwen35", "qwen35moe", "qwen4exp",
-    "deepseek4", "minimax-01",
-})
-# hybrids whose recurrent layers follow {arch}.attention.recurrent_layers or full_attention_interval
-_INTERVAL_HYBRIDS = frozenset({"qwen3next", "qwen35", "qwen35moe", "qwen4exp", "minimax-01"})
-_ROLLBACK_ARCHS = frozenset({  # llm_arch_supports_rs_rollback: other archs get n_rs_seq clamped to 0
-    "kimi-k3", "qwen35", "qwen35moe", "qwen4exp", "deepseek4", "glm5-next", "nemotron_h", "nemotron_h_moe",
-    "lfm2", "lfm2moe", "bailingmoe3",
-})
-_NO_MEMORY_ARCHS = frozenset({  # create_memory returns nullptr
-    "bert", "jina-bert-v2", "jina-bert-v3", "nomic-bert", "nomic-bert-moe", "neo-bert", "eurobert",
-    "wavtokenizer-dec", "modern-bert", "gemma-embedding", "dream", "llada", "llada-moe", "rnd1",
-})
-# archs with extra caches (sparse-attention indexers, compressed KV, shared layers): estimate only
-_APPROXIMATE_ARCHS = frozenset({
-    "minimax-m3", "glm-dsa", "deepseek32", "glm5-next", "hy_v4", "dots3note", "deepseek4", "dflash",
-    "qwen4exp", "gemma4-assistant", "graniteswitch", "t5", "t5encoder",
-})
-
-
-@dataclass(frozen=True)
-class _SwaRule:
-    pattern: int  # default n_pattern for load_swa_pattern
-    dense_first: bool = False
-    needs_key: bool = False  # SWA only when {arch}.attention.sliding_window is present and > 0
-    default_window: int = 0  # n_swa when the key is absent
-    forced_window: int = 0  # n_swa set after the key is read (llama4, smallthinker)
-    chunked: bool = False
-
-
-_SWA_RULES: dict[str, _SwaRule] = {
-    "gemma2": _SwaRule(2, default_window=4096),
-    "gemma3": _SwaRule(6, needs_key=True),
-    "gemma3n": _SwaRule(5),
-    "cohere2": _SwaRule(4),
-    "cohere2moe": _SwaRule(4, dense_first=True),
-    "gpt-oss": _SwaRule(2),
-    "olmo2": _SwaRule(4, needs_key=True),
-    "exaone4": _SwaRule(4, default_window=4096),  # only for the 64-layer model (see _swa_layout)
-    "exaone-moe": _SwaRule(4, default_window=128),
-    "afmoe": _SwaRule(4, needs_key=True),
-    "mellum": _SwaRule(4, needs_key=True),
-    "plamo3": _SwaRule(8, needs_key=True),
-    "smallthinker": _SwaRule(4, dense_first=True, needs_key=True, forced_window=4096),
-    "muse-glimmer": _SwaRule(4),
-    "laguna": _SwaRule(4, dense_first=True, needs_key=True),
-    "llama4": _SwaRule(4, forced_window=8192, chunked=True),
-}
-# SWA layers given by the {arch}.attention.sliding_window_pattern bool array
-_SWA_ARRAY_ARCHS = frozenset({"gemma4", "gemma4-assistant", "granite_swa", "maple", "mimo2", "spark2_5",
-                              "step35", "dots3note"})
-
-
-def _as_int(value: object, default: int = 0) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def _per_layer(meta: GGUFMetadata, suffix: str, n: int, default: Sequence[int]) -> list[int]:
-    """A key that is a scalar or an array of n values (get_key_or_arr), one value per layer."""
-    value = meta.arch_get(suffix)
-    if isinstance(value, list):
-        if len(value) != n:
-            raise ValueError(f"{meta.arch}.{suffix} has {len(value)} values, expected {n} (block_count)")
-        return [_as_int(v) for v in value]
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value] * n
-    return list(default)
-
-
-def _bools(meta: GGUFMetadata, suffix: str, n: int) -> list[bool] | None:
-    value = meta.arch_get(suffix)
-    if not isinstance(value, list):
-        return None
-    flags = [bool(v) for v in value][:n]
-    return flags + [False] * (n - len(flags))
-
-
-def _pattern(n_layer: int, n_layer_all: int, n_pattern: int, dense_first: bool) -> list[bool]:
-    """llama_hparams::set_swa_pattern (llama-hparams.cpp:8)."""
-    if dense_first:
-        flags = [n_pattern == 0 or il % n_pattern != 0 for il in range(n_layer)]
-    else:
-        flags = [n_pattern == 0 or il % n_pattern < n_pattern - 1 for il in range(n_layer)]
-    return flags + [False] * (n_layer_all - n_layer)
 
 
 @dataclass(frozen=True)
@@ -252,30 +171,30 @@ class KVLayout:
         arch = meta.arch
         if not arch:
             raise ValueError(f"{meta.path or 'metadata'}: no general.architecture")
-        n_layer_all = _as_int(meta.arch_get("block_count"))
+        n_layer_all = as_int(meta.arch_get("block_count"))
         if n_layer_all <= 0:
             raise ValueError(f"{meta.path or 'metadata'}: {arch}.block_count missing or 0")
-        n_nextn = min(_as_int(meta.arch_get("nextn_predict_layers")), n_layer_all)
+        n_nextn = min(as_int(meta.arch_get("nextn_predict_layers")), n_layer_all)
         n_layer = n_layer_all - n_nextn
         if mtp and n_nextn == 0:
             raise ValueError(f"{arch}: no nextn/MTP layers ({arch}.nextn_predict_layers is 0)")
-        n_embd = _as_int(meta.arch_get("embedding_length"))
+        n_embd = as_int(meta.arch_get("embedding_length"))
         zeros = [0] * n_layer_all
-        n_head = _per_layer(meta, "attention.head_count", n_layer_all, zeros)
-        n_head_kv = _per_layer(meta, "attention.head_count_kv", n_layer_all, n_head)
-        n_ff = _per_layer(meta, "feed_forward_length", n_layer_all, zeros)
+        n_head = per_layer(meta, "attention.head_count", n_layer_all, zeros)
+        n_head_kv = per_layer(meta, "attention.head_count_kv", n_layer_all, n_head)
+        n_ff = per_layer(meta, "feed_forward_length", n_layer_all, zeros)
 
         # head sizes: llama-model.cpp:1436-1467 (0 when the model has no attention heads)
         hk = hv = 0
         if n_head[0] > 0:
-            hk = _as_int(meta.arch_get("attention.key_length"), n_embd // n_head[0])
-            hv = _as_int(meta.arch_get("attention.value_length"), n_embd // n_head[0])
-        hk_swa = _as_int(meta.arch_get("attention.key_length_swa"), hk)
-        hv_swa = _as_int(meta.arch_get("attention.value_length_swa"), hv)
-        is_mla = (_as_int(meta.arch_get("attention.key_length_mla")) > 0
-                  and _as_int(meta.arch_get("attention.value_length_mla")) > 0)
+            hk = as_int(meta.arch_get("attention.key_length"), n_embd // n_head[0])
+            hv = as_int(meta.arch_get("attention.value_length"), n_embd // n_head[0])
+        hk_swa = as_int(meta.arch_get("attention.key_length_swa"), hk)
+        hv_swa = as_int(meta.arch_get("attention.value_length_swa"), hv)
+        is_mla = (as_int(meta.arch_get("attention.key_length_mla")) > 0
+                  and as_int(meta.arch_get("attention.value_length_mla")) > 0)
 
-        swa_type, n_swa, is_swa = _swa_layout(meta, arch, n_layer, n_layer_all)
+        swa_type, n_swa, is_swa = swa_layout(meta, arch, n_layer, n_layer_all)
 
         def k_dim(il: int) -> int:
             return (hk_swa if is_swa[il] else hk) * n_head_kv[il]
@@ -283,50 +202,21 @@ class KVLayout:
         def v_dim(il: int) -> int:
             return (hv_swa if is_swa[il] else hv) * n_head_kv[il]
 
-        # recurrent layers and the KV layer filter (create_memory, llama-model.cpp:2656-2870)
-        recurrent = arch in _RECURRENT_ARCHS
-        hybrid = arch in _HYBRID_ARCHS
-        is_recr = [recurrent] * n_layer_all
-        attn_filter: list[bool] = [True] * n_layer_all
-        recr_filter: list[bool] = [False] * n_layer_all
-        if hybrid:
-            is_recr = _hybrid_recurrent(meta, arch, n_layer, n_layer_all, n_head_kv, n_ff)
-            if arch in _INTERVAL_HYBRIDS or arch == "glm5-next":
-                attn_filter = [il < n_layer and not is_recr[il] for il in range(n_layer_all)]
-                recr_filter = [il < n_layer and is_recr[il] for il in range(n_layer_all)]
-            elif arch in ("nemotron_h", "nemotron_h_moe"):
-                attn_filter = [not is_recr[il] and n_ff[il] == 0 for il in range(n_layer_all)]
-                recr_filter = [is_recr[il] and n_ff[il] == 0 for il in range(n_layer_all)]
-            elif arch == "falcon-h1":
-                recr_filter = [True] * n_layer_all
-            else:  # llama_memory_hybrid's default filters (llama-memory-hybrid.cpp:48,62)
-                attn_filter = [not r for r in is_recr]
-                recr_filter = list(is_recr)
-        elif recurrent:
-            attn_filter = [False] * n_layer_all
-            recr_filter = [True] * n_layer_all
-        elif n_nextn > 0 and n_layer > 0:  # nextn layers are never attended by the trunk
-            attn_filter = [il < n_layer for il in range(n_layer_all)]
-        if arch in _NO_MEMORY_ARCHS:
-            attn_filter = [False] * n_layer_all
-            recr_filter = [False] * n_layer_all
-        if mtp:  # the MTP context: a plain KV cache over the nextn layers only
-            attn_filter = [il >= n_layer for il in range(n_layer_all)]
-            recr_filter = [False] * n_layer_all
-
-        kv_from_start = _kv_from_start(meta, arch, n_layer_all)
+        # which layers get a KV cache and which a recurrent state; gemma3n/gemma4 share KV of later layers
+        attn_filter, recr_filter = memory_filters(meta, arch, n_layer, n_layer_all, n_head_kv, n_ff, mtp=mtp)
+        n_kv_from_start = kv_from_start(meta, arch, n_layer_all)
         layers = tuple(
             KVLayer(il, k_dim(il), 0 if is_mla else v_dim(il), is_swa[il],
                     hk_swa if is_swa[il] else hk, hv_swa if is_swa[il] else hv)
             for il in range(n_layer_all)
-            if attn_filter[il] and (kv_from_start < 0 or il < kv_from_start)
+            if attn_filter[il] and (n_kv_from_start < 0 or il < n_kv_from_start)
         )
         recurrent_layers = tuple(il for il in range(n_layer) if recr_filter[il])
-        n_embd_r, n_embd_s = _recurrent_widths(meta, arch, n_embd, n_head[0], hk)
+        n_embd_r, n_embd_s = recurrent_widths(meta, arch, n_embd, n_head[0], hk)
         first = layers[0].index if layers else 0
         return cls(
             arch=arch, n_layer_all=n_layer_all, n_layer=n_layer,
-            n_ctx_train=_as_int(meta.arch_get("context_length")),
+            n_ctx_train=as_int(meta.arch_get("context_length")),
             layers=layers,
             v_dim_max=max(v_dim(il) for il in range(n_layer_all)),
             head_dim_k=hk, head_dim_v=hv, n_head_kv=n_head_kv[first], is_mla=is_mla,
@@ -335,8 +225,8 @@ class KVLayout:
             recurrent_layers=recurrent_layers if not mtp else (),
             n_embd_r=n_embd_r if recurrent_layers else 0,
             n_embd_s=n_embd_s if recurrent_layers else 0,
-            supports_rs_rollback=arch in _ROLLBACK_ARCHS,
-            exact=arch not in _APPROXIMATE_ARCHS,
+            supports_rs_rollback=arch in ROLLBACK_ARCHS,
+            exact=arch not in APPROXIMATE_ARCHS,
             mtp=mtp,
         )
 
@@ -485,92 +375,3 @@ class KVLayout:
         if not self.exact:
             parts.append(" (approximate: extra caches not modelled)")
         return "".join(parts)
-
-
-def _swa_layout(meta: GGUFMetadata, arch: str, n_layer: int, n_layer_all: int) -> tuple[str, int, list[bool]]:
-    """(swa_type, n_swa, is_swa per layer) as the arch's load_arch_hparams sets them."""
-    none: tuple[str, int, list[bool]] = ("none", 0, [False] * n_layer_all)
-    window_value = meta.arch_get("attention.sliding_window")
-    has_key = isinstance(window_value, int) and not isinstance(window_value, bool)
-    window = _as_int(window_value)
-    if arch in ("lfm2", "lfm2moe"):
-        if arch == "lfm2" and window > 0:  # models/lfm2.cpp:26: every attention layer is SWA
-            n_head_kv = _per_layer(meta, "attention.head_count_kv", n_layer_all, [0] * n_layer_all)
-            return "standard", window, [il < n_layer and n_head_kv[il] != 0 for il in range(n_layer_all)]
-        return none
-    if arch in _SWA_ARRAY_ARCHS:
-        flags = _bools(meta, "attention.sliding_window_pattern", n_layer_all)
-        return ("standard", window, flags) if flags and window > 0 else none
-    rule = _SWA_RULES.get(arch)
-    if rule is None:
-        return none
-    if rule.needs_key and window <= 0:
-        return none
-    if arch == "exaone4" and n_layer != 64:  # models/exaone4.cpp:4: SWA only in the 32B
-        return none
-    if arch == "llama4" and has_key and window == 0:
-        return none
-    n_swa = rule.forced_window or (window if has_key else rule.default_window)
-    # load_swa_pattern (llama-model.cpp:3434): a bool array, else an integer pattern, else the default
-    flags = _bools(meta, "attention.sliding_window_pattern", n_layer_all)
-    if flags is None:
-        n_pattern = _as_int(meta.arch_get("attention.sliding_window_pattern"), rule.pattern)
-        flags = _pattern(n_layer, n_layer_all, n_pattern, rule.dense_first)
-    return ("chunked" if rule.chunked else "standard"), n_swa, flags
-
-
-def _hybrid_recurrent(meta: GGUFMetadata, arch: str, n_layer: int, n_layer_all: int,
-                      n_head_kv: list[int], n_ff: list[int]) -> list[bool]:
-    """is_recr per layer for a hybrid arch (models/<arch>.cpp load_arch_hparams)."""
-    if arch in _INTERVAL_HYBRIDS:  # models/qwen35.cpp:17
-        flags = _bools(meta, "attention.recurrent_layers", n_layer_all)
-        if flags is not None:
-            return flags
-        interval = _as_int(meta.arch_get("full_attention_interval"), 4) or 4
-        return [il < n_layer and (il + 1) % interval != 0 for il in range(n_layer_all)]
-    if arch in ("nemotron_h", "nemotron_h_moe"):  # models/nemotron-h.cpp:15
-        return [il < n_layer and n_head_kv[il] == 0 and n_ff[il] == 0 for il in range(n_layer_all)]
-    if arch == "falcon-h1":  # every layer has both attention and an SSM
-        return [True] * n_layer_all
-    # jamba, granitehybrid, lfm2, plamo2, kimi-linear, ...: layers without KV heads are recurrent
-    return [il < n_layer and n_head_kv[il] == 0 for il in range(n_layer_all)]
-
-
-def _kv_from_start(meta: GGUFMetadata, arch: str, n_layer_all: int) -> int:
-    """hparams.n_layer_kv_from_start: later layers reuse earlier KV (gemma3n, gemma4); -1 = all."""
-    if arch == "gemma3n":
-        return 20
-    if arch == "gemma4":
-        return n_layer_all - _as_int(meta.arch_get("attention.shared_kv_layers"))
-    return -1
-
-
-def _recurrent_widths(meta: GGUFMetadata, arch: str, n_embd: int, n_head: int,
-                      head_k: int) -> tuple[int, int]:
-    """(n_embd_r, n_embd_s) exactly as llama_hparams::n_embd_r()/n_embd_s() (llama-hparams.cpp)."""
-    wkv = _as_int(meta.arch_get("wkv.head_size"))
-    token_shift = _as_int(meta.arch_get("token_shift_count"), 2)
-    l_cache = _as_int(meta.arch_get("shortconv.l_cache"))
-    kda = _as_int(meta.arch_get("kda.head_dim"))
-    la = head_k if arch == "minimax-01" else 0  # models/minimax-01.cpp:9
-    d_conv = _as_int(meta.arch_get("ssm.conv_kernel"))
-    d_inner = _as_int(meta.arch_get("ssm.inner_size"))
-    d_state = _as_int(meta.arch_get("ssm.state_size"))
-    n_group = _as_int(meta.arch_get("ssm.group_count"))
-    if wkv:
-        r = token_shift * n_embd
-    elif l_cache:
-        r = n_embd * (l_cache - 1)
-    elif kda:
-        r = 3 * (d_conv - 1 if d_conv > 0 else 3) * (n_head * kda)
-    else:
-        r = (d_conv - 1 if d_conv > 0 else 0) * (d_inner + 2 * n_group * d_state)
-    if wkv:
-        s = n_embd * wkv
-    elif kda:
-        s = kda * kda * n_head
-    elif la:
-        s = la * la * n_head
-    else:
-        s = d_state * d_inner
-    return r, s
