@@ -49,8 +49,8 @@ NO_FULL_GC: Final = 1_000_000  # a generation-2 threshold that is never reached
 class ChatScreen(ConversationScreen):
     """The screen of the app: status line, load bar, sidebar, chat log, prompt, stats panel, footer.
 
-    Its actions are bound on the app (BeechatApp.BINDINGS, as `screen.ACTION`), so one list of
-    bindings drives the footer, the command palette and remapping.
+    Its actions are bound on the app (tui/keys.py, as `screen.ACTION`), so one list of bindings
+    drives the footer, the command palette and remapping.
     """
 
     show_stats: reactive[bool] = reactive(True, init=False)

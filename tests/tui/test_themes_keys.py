@@ -140,3 +140,16 @@ async def test_every_binding_is_where_the_readme_says(build_app: Callable[..., B
         for binding in all_bindings([*BeechatApp.BINDINGS, *PromptInput.BINDINGS]):
             assert (binding.key in footer or binding.description in palette or binding.action == "command_palette"
                     or (binding.id == "newline" and app.key_for("newline", every=True) in placeholder)), binding
+
+
+async def test_a_chat_screen_command_runs_from_the_command_palette(build_app: Callable[..., BeechatApp]) -> None:
+    """The palette is a screen of its own: a `screen.ACTION` command still reaches the chat screen."""
+    async with build_app().run_test(size=SIZE) as pilot:
+        app = await wait_ready(pilot)
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: app.screen is not app.chat, "the command palette")
+        await pilot.press(*"Thinking")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat.show_reasoning, "reasoning to be expanded")
+        assert app.screen is app.chat
