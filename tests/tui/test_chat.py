@@ -9,7 +9,8 @@ from textual.widgets import Collapsible, Static
 
 from beechat.backends.fake import FakeBackendFactory
 from beechat.store import Store
-from beechat.tui.app import NO_FULL_GC, BeechatApp, create_app
+from beechat.tui.app import BeechatApp, create_app
+from beechat.tui.chat_screen import NO_FULL_GC
 from beechat.tui.widgets import ChatView, DraftTokensView, PromptInput, ReplyView, StatsPanel, UserMessage
 from beechat.tui.widgets.stats import StatRow
 from tests.tui.conftest import PLAIN, SIZE, make_config, notifications, send, wait_for, wait_ready

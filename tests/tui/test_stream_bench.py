@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from beechat.tui.widgets.chat import PART_CHARS, markdown_cut
+from beechat.tui.widgets.markdown_stream import PART_CHARS, markdown_cut
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "tui_stream.py"
 

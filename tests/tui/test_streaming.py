@@ -13,7 +13,8 @@ from textual.widget import Widget
 import beechat.tui.widgets.chat as chat_module
 from beechat.backends.fake import FakeBackendFactory
 from beechat.events import Stats
-from beechat.tui.app import STATS_INTERVAL_S, BeechatApp
+from beechat.tui.app import BeechatApp
+from beechat.tui.chat_screen import STATS_INTERVAL_S
 from beechat.tui.widgets import ChatView, ReplyFeed, StatsPanel, UserMessage
 from beechat.tui.widgets.chat import PARKED
 from tests.tui.conftest import send, wait_for, wait_ready

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.tui.conftest import SIZE, make_config, notifications, wait_for, wait_
 GOOD_THEME = 'name = "test-good"\nprimary = "#336699"\nbackground = "#101010"\ndark = true\n'
 BROKEN_THEME = 'name = "test-broken"\nprimary = "not-a-colour"\n'
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "tui.md"
+README = DOCS.parents[1] / "README.md"
 
 
 def test_project_theme_files_are_valid() -> None:
@@ -112,3 +114,42 @@ async def test_command_palette_offers_every_action(build_app: Callable[..., Beec
         titles = {command.title for command in app.get_system_commands(app.screen)}
         assert {"Stop", "Model", "Next model", "New", "Chats", "Rename", "Delete", "Export", "Stats", "Thinking",
                 "Drafts", "Copy reply", "Regenerate", "Edit last"} <= titles
+
+
+def readme_key(key: str) -> str:
+    """A Textual key as the README writes it: ctrl+up -> Ctrl+Up, escape -> Esc, f2 -> F2."""
+    names = {"escape": "Esc"}
+    return "+".join(names.get(part, part.upper() if len(part) == 1 or re.fullmatch(r"f\d+", part)
+                              else part.capitalize()) for part in key.split("+"))
+
+
+async def test_every_binding_is_where_the_readme_says(build_app: Callable[..., BeechatApp]) -> None:
+    """README: the keys it names are in the footer, the newline keys in the input's placeholder,
+    every other command in the command palette."""
+    readme = " ".join(README.read_text().split())
+    named = re.search(r"Ctrl\+Q quits\. (.+?) are in the footer", readme)
+    assert named is not None
+    in_readme = set(re.split(r", | and ", named.group(1)))
+    async with build_app().run_test(size=SIZE) as pilot:
+        app = await wait_ready(pilot)
+        footer = {active.binding.key for active in app.screen.active_bindings.values()
+                  if active.binding.show}
+        assert in_readme == {readme_key(key) for key in footer}
+        palette = {command.title for command in app.get_system_commands(app.screen)}
+        placeholder = app.query_one(PromptInput).placeholder
+        for binding in all_bindings([*BeechatApp.BINDINGS, *PromptInput.BINDINGS]):
+            assert (binding.key in footer or binding.description in palette or binding.action == "command_palette"
+                    or (binding.id == "newline" and app.key_for("newline", every=True) in placeholder)), binding
+
+
+async def test_a_chat_screen_command_runs_from_the_command_palette(build_app: Callable[..., BeechatApp]) -> None:
+    """The palette is a screen of its own: a `screen.ACTION` command still reaches the chat screen."""
+    async with build_app().run_test(size=SIZE) as pilot:
+        app = await wait_ready(pilot)
+        await pilot.press("ctrl+p")
+        await wait_for(pilot, lambda: app.screen is not app.chat, "the command palette")
+        await pilot.press(*"Thinking")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat.show_reasoning, "reasoning to be expanded")
+        assert app.screen is app.chat

@@ -9,6 +9,8 @@ from textual.containers import Horizontal
 from textual.reactive import reactive
 from textual.widgets import Label, ProgressBar
 
+from beechat.backends.base import ModelInfo
+
 StateKind = Literal["idle", "busy", "error"]
 
 
@@ -46,6 +48,21 @@ class StatusLine(Horizontal):
 
     def show(self, state: str, kind: StateKind = "idle") -> None:
         self.state_text, self.state_kind = state, kind
+
+
+def describe_model(info: ModelInfo | None) -> str:
+    """Target (+ draft), speculation, KV cache types and context size, for the status line."""
+    if info is None:
+        return ""
+    model = info.target + (f" + {info.draft}" if info.draft else "")
+    parts = [model]
+    if info.speculation != "none":
+        parts.append(f"spec {info.speculation}")
+    if info.cache_type_k or info.cache_type_v:
+        parts.append(f"KV {info.cache_type_k}/{info.cache_type_v}")
+    if info.n_ctx:
+        parts.append(f"ctx {info.n_ctx}")
+    return " · ".join(parts)
 
 
 class LoadBar(Horizontal):
