@@ -3,24 +3,39 @@
 beechat drives llama.cpp directly instead of through `llama_cpp.Llama`: the speculative loop needs
 logits at every verified position, KV truncation whose result is checked, recurrent-state
 snapshots (`n_rs_seq`, not exposed by `Llama`) and two contexts side by side.
+
+This module holds the Context; the Model (model.py) and the process-wide runtime (runtime.py: log,
+threads, shared context parameters) are re-exported here, so callers import all of it from one place.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import re
-import sys
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import llama_cpp as lc
 import numpy as np
 import numpy.typing as npt
+
+from beechat.engine.model import Model
+from beechat.engine.runtime import (
+    LlamaError,
+    LlamaLog,
+    available_cores,
+    default_threads,
+    llama_log,
+    reserve_cores,
+    set_shared_params,
+    supports_gpu_offload,
+)
+
+__all__ = ["Context", "LlamaError", "LlamaLog", "Logits", "Model", "SavedState", "available_cores",
+           "default_threads", "kv_size_from_log", "llama_log", "reserve_cores", "set_shared_params",
+           "supports_gpu_offload"]
 
 Logits = npt.NDArray[np.float32]
 
@@ -39,234 +54,6 @@ class SavedState:
         self.n_past = n_past
         self.data = data
         self.valid = True
-
-
-class LlamaError(Exception):
-    """A llama.cpp failure, with a one-line user-facing message."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Logging: llama.cpp logs through one process-wide callback. We keep the recent lines (errors are
-# reported from them, the KV size line is parsed from them) and echo them only on request, so the
-# TUI's screen stays clean.
-
-
-class LlamaLog:
-    ECHO_ENV = "BEECHAT_LLAMA_LOG"
-
-    def __init__(self, maxlen: int = 4000) -> None:
-        self.lines: deque[str] = deque(maxlen=maxlen)
-        self._partial = ""
-        self._total = 0
-        self._lock = threading.Lock()
-        self._echo = os.environ.get(self.ECHO_ENV, "") not in ("", "0")
-        self._callback = lc.llama_log_callback(self._on_log)  # keep a reference: C holds the pointer
-
-    def install(self) -> None:
-        lc.llama_log_set(self._callback, ctypes.c_void_p(0))
-
-    def _on_log(self, level: int, text: bytes | None, _user: Any) -> None:
-        chunk = (text or b"").decode("utf-8", "replace")
-        if self._echo:
-            sys.stderr.write(chunk)
-        with self._lock:
-            self._partial += chunk
-            *complete, self._partial = self._partial.split("\n")
-            self.lines.extend(complete)
-            self._total += len(complete)
-
-    def mark(self) -> int:
-        """A position in the log; `since(mark)` returns the lines logged after it."""
-        with self._lock:
-            return self._total
-
-    def since(self, mark: int) -> list[str]:
-        with self._lock:
-            n_new = min(self._total - mark, len(self.lines))
-            return list(self.lines)[len(self.lines) - n_new:] if n_new > 0 else []
-
-    def last_error(self, mark: int) -> str | None:
-        """The most telling line logged since `mark` (errors first)."""
-        lines = [line.strip() for line in self.since(mark) if line.strip()]
-        for pattern in (r"error|failed|unable|invalid|not supported|out of memory", r"warn"):
-            for line in reversed(lines):
-                if re.search(pattern, line, re.IGNORECASE):
-                    return line
-        return None
-
-
-_backend_lock = threading.Lock()
-_log: LlamaLog | None = None
-
-
-def llama_log() -> LlamaLog:
-    """Initialise the llama.cpp backend once and route its log through `LlamaLog`."""
-    global _log
-    with _backend_lock:
-        if _log is None:
-            _log = LlamaLog()
-            lc.llama_backend_init()
-        _log.install()  # again each time: other code (llama_cpp's own logger) may have replaced it
-        return _log
-
-
-_reserved_cores = 0  # cores left to another process on this machine (the TUI, for its engine process)
-
-
-def reserve_cores(n: int) -> None:
-    """Leave `n` cores out of `default_threads()` (the TUI's engine process leaves one to the UI)."""
-    global _reserved_cores
-    _reserved_cores = max(0, n)
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def default_threads() -> int:
-    """All cores, less those reserved: llama.cpp's worker threads spin while they wait for each
-    other, so when another busy thread (the TUI) takes one of their cores they all stall
-    (2 cores, all threads: 75 tok/s alone, 0.5 with the TUI in the same process)."""
-    return max(1, available_cores() - _reserved_cores)
-
-
-def set_shared_params(params: Any, *, n_threads: int | None, type_k: int, type_v: int,
-                      flash_attn: bool | None) -> None:
-    """What every context beechat creates (target, draft, MTP head) sets the same way: threads,
-    KV cache types, flash attention (None = llama.cpp's auto), no perf counters."""
-    threads = n_threads or default_threads()
-    params.n_threads = threads
-    params.n_threads_batch = threads
-    params.type_k = type_k
-    params.type_v = type_v
-    params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
-                              lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
-                              lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-    params.no_perf = True
-
-
-def supports_gpu_offload() -> bool:
-    llama_log()  # initialise the backend first
-    return bool(lc.llama_supports_gpu_offload())
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-class Model:
-    """A loaded GGUF: weights, vocabulary, metadata."""
-
-    def __init__(self, path: Path, *, n_gpu_layers: int = -1,
-                 progress: Callable[[float], None] | None = None,
-                 cancel: threading.Event | None = None, vocab_only: bool = False, load_mtp: bool = False) -> None:
-        log = llama_log()
-        self.path = path
-        # weights on a GPU: the draft model can then draft ahead while the target verifies
-        self.offloaded = n_gpu_layers != 0 and not vocab_only and supports_gpu_offload()
-        params = lc.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 10_000
-        params.vocab_only = vocab_only
-        params.load_mtp = load_mtp  # the MTP (nextn) block's weights: only an MTP drafter runs them
-
-        def on_progress(fraction: float, _user: Any) -> bool:
-            if progress is not None:
-                progress(float(fraction))
-            return not (cancel is not None and cancel.is_set())
-
-        self._progress_cb = lc.llama_progress_callback(on_progress)
-        params.progress_callback = self._progress_cb
-        mark = log.mark()
-        ptr = lc.llama_model_load_from_file(str(path).encode(), params)
-        if not ptr:
-            if cancel is not None and cancel.is_set():
-                raise LlamaError(f"loading {path.name} was cancelled")
-            reason = log.last_error(mark) or "llama.cpp could not load it"
-            raise LlamaError(f"cannot load {path}: {reason}")
-        self.ptr = ptr
-        self.vocab = lc.llama_model_get_vocab(ptr)
-        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
-        self.add_bos = bool(lc.llama_vocab_get_add_bos(self.vocab))
-        self.bos = int(lc.llama_vocab_bos(self.vocab))
-        self.eos = int(lc.llama_vocab_eos(self.vocab))
-        self.is_recurrent = bool(lc.llama_model_is_recurrent(ptr))
-        self.is_hybrid = bool(lc.llama_model_is_hybrid(ptr))
-        self.n_ctx_train = int(lc.llama_model_n_ctx_train(ptr))
-        self.size_bytes = int(lc.llama_model_size(ptr))
-        self.n_layer_nextn = int(lc.llama_model_n_layer_nextn(ptr))  # MTP layers in the file
-        self.mtp_loaded = load_mtp and self.n_layer_nextn > 0
-        self.n_embd_out = int(lc.llama_model_n_embd_out(ptr)) or int(lc.llama_model_n_embd(ptr))
-        self._pieces: dict[int, bytes] = {}
-        self._eog: dict[int, bool] = {}
-
-    # -- vocabulary ----------------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 16
-        buf = (lc.llama_token * capacity)()
-        n = lc.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
-        if n < 0:
-            capacity = -n
-            buf = (lc.llama_token * capacity)()
-            n = lc.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, parse_special)
-        if n < 0:
-            raise LlamaError("tokenization failed")
-        return list(buf[:n])
-
-    def piece(self, token: int) -> bytes:
-        """The bytes a token renders as (special tokens rendered as text)."""
-        cached = self._pieces.get(token)
-        if cached is None:
-            buf = ctypes.create_string_buffer(64)
-            n = lc.llama_token_to_piece(self.vocab, token, buf, 64, 0, True)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = lc.llama_token_to_piece(self.vocab, token, buf, -n, 0, True)
-            cached = buf.raw[:n]
-            self._pieces[token] = cached
-        return cached
-
-    def token_text(self, token: int) -> str:
-        return self.piece(token).decode("utf-8", "replace")
-
-    def vocab_text(self, token: int) -> bytes:
-        """The raw vocabulary entry (used to compare two vocabularies)."""
-        return bytes(lc.llama_vocab_get_text(self.vocab, token) or b"")
-
-    def is_eog(self, token: int) -> bool:
-        cached = self._eog.get(token)
-        if cached is None:
-            cached = bool(lc.llama_vocab_is_eog(self.vocab, token))
-            self._eog[token] = cached
-        return cached
-
-    # -- metadata ------------------------------------------------------------------------------
-    def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(4096)
-        n = lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, 4096)
-        if n < 0:
-            return None
-        if n >= 4096:
-            buf = ctypes.create_string_buffer(n + 1)
-            lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, n + 1)
-        return buf.value.decode("utf-8", "replace")
-
-    def chat_template(self) -> str | None:
-        raw = lc.llama_model_chat_template(self.ptr, None)
-        return raw.decode("utf-8", "replace") if raw else None
-
-    def description(self) -> str:
-        buf = ctypes.create_string_buffer(256)
-        lc.llama_model_desc(self.ptr, buf, 256)
-        return buf.value.decode("utf-8", "replace")
-
-    def close(self) -> None:
-        if getattr(self, "ptr", None):
-            lc.llama_model_free(self.ptr)
-            self.ptr = None
 
 
 class Context:
