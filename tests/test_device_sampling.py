@@ -151,7 +151,7 @@ def test_the_chain_is_used_only_for_greedy_replies(tiny_models: dict[str, Path])
 @pytest.mark.parametrize("lookahead", [True, False])
 def test_probes_run_beside_plain_passes(tiny_models: dict[str, Path], lookahead: bool) -> None:
     """Greedy probes never change the target's batch: the drafter's first token is compared with the
-    target's own (in a thread beside the target's decode when drafting ahead is on). A useless draft
+    target's own. A useless draft
     then never makes the target verify a draft; a perfect one is seen to agree. (Whether drafting
     then pays depends on the machine: here the tiny draft costs about what the target does.)"""
     want, _, _ = run(generator(tiny_models["bigram_target"], device=False), GREEDY, 64)

@@ -13,7 +13,6 @@ sample t ~ p_i and accept iff t == d_i. Either way the emitted text has the targ
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -58,8 +57,9 @@ class DraftController:
     A greedy Generator runs a probe in the shadow of a plain pass (`observe_probe`): the drafter's
     first token is compared with the target's own, so the target's batch shape never changes for a
     probe. On a GPU a new batch shape costs a graph rebuild and a CUDA graph capture (tens of ms on
-    a 27B model), which is also why the first two passes after a size change do not update that
-    size's cost and why a drafting k changes only for a gain of SWITCH_MARGIN.
+    a 27B model), which is also why the first two passes after a size change never count as that
+    size's cost (a spike taken for the cost would keep drafting off: probes no longer re-measure
+    it) and why a drafting k changes only for a gain of SWITCH_MARGIN.
     """
 
     draft_max: int
@@ -131,9 +131,9 @@ class DraftController:
         if n not in self._warm:  # the first decode of a new batch shape includes one-time setup
             self._warm.add(n)
             return
-        old = self.verify_cost.get(n)
-        if old is not None and self._same_n < 2:  # a graph rebuild and capture after a size change
+        if self._same_n < 2:  # a graph rebuild and capture after a size change: not this size's cost
             return
+        old = self.verify_cost.get(n)
         self._stale = self._stale or old is None
         self.verify_cost[n] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
 
@@ -335,32 +335,18 @@ class Generator:
         return step
 
     def _shadow_probe(self, history: list[int], k: int, sampling: Sampling, rng: np.random.Generator) -> Step:
-        """A greedy probe beside a plain pass: the drafter drafts while the target decodes one token
-        (in a thread where the drafter has a context of its own and runs beside the target), and
-        its first draft is compared with the target's token. The target's batch keeps its shape."""
+        """A greedy probe beside a plain pass: the drafter drafts, the target decodes one token, and
+        the first draft is compared with the target's token. The target's batch keeps its shape.
+        The draft runs before the target, not beside it: beside it, its kernels would queue behind
+        the target's and its time (the draft cost the controller learns) would read several times
+        too high."""
         drafter = self.drafter
         assert drafter is not None
-        found: list[Proposal] = []
-
-        def draft() -> None:
-            with contextlib.suppress(LlamaError):  # a failed probe drafts nothing; the reply goes on
-                found.append(drafter.propose(history, k, sampling, rng))
-
-        beside = threading.Thread(target=draft, name="beechat-probe", daemon=True) \
-            if self.lookahead and drafter.kind == "draft" else None
-        if beside is not None:
-            beside.start()
-        else:
-            draft()
-        joined = 0.0
         try:
-            step, verify_seconds = self._verify(history, [], [], sampling, rng)
-        finally:
-            if beside is not None:
-                waited = time.perf_counter()
-                beside.join()
-                joined = profile.add("probe.join", waited) - waited
-        proposal = found[0] if found else None
+            proposal: Proposal | None = drafter.propose(history, k, sampling, rng)
+        except LlamaError:  # a failed probe drafts nothing; the reply goes on
+            proposal = None
+        step, verify_seconds = self._verify(history, [], [], sampling, rng)
         if self.adaptive:
             if proposal is None or not proposal.tokens:
                 self.controller.nothing_proposed()
@@ -368,7 +354,7 @@ class Generator:
                 target_token = step.tokens[0] if step.tokens else None
                 self.controller.observe_probe(proposal.tokens[0] == target_token, proposal.seconds,
                                               proposal.overhead_seconds, proposal.caught_up)
-            self.controller.observe(0, 0, 0.0, verify_seconds + joined)
+            self.controller.observe(0, 0, 0.0, verify_seconds)
         return step
 
     def _verify(self, history: list[int], drafts: list[int], dists: Sequence[Distribution | None],
