@@ -141,6 +141,11 @@ class ReplyText:
             reply.add_segment(kind, text)
         return reply
 
+    @classmethod
+    def from_parts(cls, raw: str, reasoning: str | None, answer: str, reasoning_open: bool = False) -> ReplyText:
+        """A reply whose parts were kept apart (as the store keeps them)."""
+        return cls([raw], None if reasoning is None else [reasoning], [answer], reasoning_open)
+
     def add(self, event: Chunk | AnswerWasReasoning) -> None:
         if isinstance(event, AnswerWasReasoning):
             self.add_segment("answer-was-reasoning", "")

@@ -34,11 +34,10 @@ from beechat import locations
 from beechat.backends.base import Backend, BackendError, ModelInfo
 from beechat.backends.registry import create_backend
 from beechat.config import Config, ConfigError, ModelFileError, Profile, Sampling
-from beechat.events import Chunk, Done, Event, Notice, Stats, StatsUpdate
+from beechat.events import AnswerWasReasoning, Chunk, Done, Event, Notice, Stats, StatsUpdate
 from beechat.session import ChatSession
 from beechat.store import Conversation, Store, StoreError, default_store
 from beechat.store.export import ExportFormat, safe_filename, write_export
-from beechat.tui.reasoning import split_reply
 from beechat.tui.screens import ConfirmScreen, ExportScreen, ModelPickerScreen, RenameScreen
 from beechat.tui.themes import load_theme_dirs
 from beechat.tui.widgets import (
@@ -409,7 +408,9 @@ class BeechatApp(App[int]):
 
         def on_event(event: Event) -> None:
             if isinstance(event, Chunk):
-                feed.add_text(event.text, event.from_draft)
+                feed.add_text(event.text, event.from_draft, event.kind)
+            elif isinstance(event, AnswerWasReasoning):
+                feed.answer_was_reasoning()
             elif isinstance(event, StatsUpdate):
                 feed.set_stats(event.stats)
             elif isinstance(event, Notice):
@@ -519,7 +520,7 @@ class BeechatApp(App[int]):
         if reply is None or not reply.text:
             self.notify("No reply to copy yet")
             return
-        answer = split_reply(reply.text)[1] or reply.text
+        answer = reply.shown.answer or reply.text
         self.copy_to_clipboard(answer)
         self.notify(f"Copied the last reply ({len(answer)} characters)")
 
