@@ -90,15 +90,31 @@ class Stats:
         return {key: full[key] for key in self.CONTRACT_KEYS}
 
 
+ChunkKind = Literal["answer", "reasoning", "reasoning-start", "reasoning-end"]
+"""What a chunk's text is: answer or reasoning text, or the markup that opens or closes the
+reasoning (`<think>`, `</think>` and the whitespace around them, which no view shows)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """A run of emitted tokens from one source; `from_draft` marks tokens of an accepted draft and
-    `source` names where they came from: "target", or the drafter ("draft", "ngram", "mtp")."""
+    `source` names where they came from: "target", or the drafter ("draft", "ngram", "mtp").
+
+    `kind` says what the text is (beechat/reasoning.py splits a model's raw text). The texts of all
+    chunks of a reply, of every kind, join to the reply exactly as the model emitted it: that is what
+    goes back to the model in the history and what the draft-token view shows."""
 
     text: str
     n_tokens: int
     from_draft: bool = False
     source: str = "target"
+    kind: ChunkKind = "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerWasReasoning:
+    """The answer streamed so far was reasoning after all: a lone `</think>` arrived (Qwen chat
+    templates put `<think>` into the prompt). Consumers move the answer they have to the reasoning."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +136,7 @@ FinishReason = Literal["stop", "length", "cancelled", "context", "error"]
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """The reply ended; `text` is the whole reply as emitted."""
+    """The reply ended; `text` is the whole reply as emitted (every chunk's text, in order)."""
 
     text: str
     stats: Stats
@@ -128,7 +144,7 @@ class Done:
     error: str | None = None  # set when finish_reason == "error": one line, user-facing
 
 
-Event = Chunk | StatsUpdate | Notice | Done
+Event = Chunk | AnswerWasReasoning | StatsUpdate | Notice | Done
 
 
 @dataclass(slots=True)

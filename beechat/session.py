@@ -2,6 +2,8 @@
 
 Shared by `beechat ask`, the plain line mode and the TUI, so all three save the same way: the user
 message as soon as it is sent, the reply as it grows (throttled) and when it ends, with its stats.
+The session is the one place a reply's text is accumulated (`ReplyText`, from the typed chunks):
+what it saves, keeps in the history and returns in `Done.text` is that.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from beechat.backends.base import Backend, ModelInfo
 from beechat.config import Profile, Sampling
 from beechat.engine.chat_template import alternating
-from beechat.events import ChatMessage, Chunk, Done, Event, Stats, StatsUpdate
+from beechat.events import AnswerWasReasoning, ChatMessage, Chunk, Done, Event, Stats, StatsUpdate
+from beechat.reasoning import ReplyText, split_chunks
 
 if TYPE_CHECKING:
     from beechat.store import Store
@@ -73,34 +76,43 @@ class ChatSession:
             reply_id = self.store.begin_reply(conversation, profile=self.profile.name,
                                               model_info=self._model_info_dict(),
                                               sampling=dataclasses.asdict(sampling))
-        parts: list[str] = []
+        reply = ReplyText()
         last_save = time.monotonic()
         done: Done | None = None
         latest_stats: Stats | None = None
         for event in self.backend.stream(self.prompt_messages(), sampling, cancel, max_tokens):
-            if isinstance(event, Chunk):
-                parts.append(event.text)
+            if isinstance(event, Chunk | AnswerWasReasoning):
+                reply.add(event)
             elif isinstance(event, StatsUpdate):
                 latest_stats = event.stats
             elif isinstance(event, Done):
                 done = event
+                continue  # passed on below, with the session's text
             if on_event is not None:
                 on_event(event)
             if reply_id is not None and self.store is not None and time.monotonic() - last_save >= SAVE_INTERVAL_S:
                 last_save = time.monotonic()
-                self.store.update_reply(reply_id, "".join(parts),
+                self.store.update_reply(reply_id, reply,
                                         latest_stats.to_dict() if latest_stats is not None else None)
         if done is None:
-            done = Done(text="".join(parts), stats=latest_stats or Stats(), finish_reason="error",
+            done = Done(text=reply.raw, stats=latest_stats or Stats(), finish_reason="error",
                         error="the backend ended the stream without finishing the reply")
-        text = done.text or "".join(parts)
+        if not reply.raw and done.text:  # a backend that put the reply in Done alone: chunks for it
+            for typed in split_chunks([Chunk(done.text, 0), done]):
+                if isinstance(typed, Chunk | AnswerWasReasoning):
+                    reply.add(typed)
+                    if on_event is not None:
+                        on_event(typed)
+        done = dataclasses.replace(done, text=reply.raw)  # the chunks' text, whoever joined it before
+        if on_event is not None:
+            on_event(done)
         # a reply is kept when it said something or ended normally; a failed empty one is not
-        keep = bool(text) or done.finish_reason in ("stop", "length")
-        if keep:
-            self.messages.append({"role": "assistant", "content": text})
+        keep = bool(done.text) or done.finish_reason in ("stop", "length")
+        if keep:  # the history gets the reply as the model emitted it, reasoning markup included
+            self.messages.append({"role": "assistant", "content": done.text})
         if reply_id is not None and self.store is not None:
             if keep:
-                self.store.finish_reply(reply_id, text, done.stats.to_dict(), done.finish_reason)
+                self.store.finish_reply(reply_id, reply, done.stats.to_dict(), done.finish_reason)
             else:
                 self.store.delete_message(reply_id)
         return done

@@ -16,10 +16,10 @@ from scipy import stats as scipy_stats
 from beechat.config import Sampling
 from beechat.engine.chat import ChatEngine, EngineError, EngineSettings
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
-from beechat.events import ChatMessage, Chunk, Done, collect
 from beechat.engine.llama import Context, Model
 from beechat.engine.sampling import distribution
 from beechat.engine.speculative import Generator
+from beechat.events import ChatMessage, Chunk, Done, collect
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 THREADS = 1  # tiny models: one thread is fastest and steadiest on a busy 2-core machine

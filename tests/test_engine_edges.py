@@ -12,8 +12,8 @@ import pytest
 from beechat.config import Sampling
 from beechat.engine.chat import ChatEngine, EngineSettings
 from beechat.engine.chat_template import ChatTemplate
-from beechat.events import ChatMessage, DecodeClock, Done, collect
 from beechat.engine.llama import Context, Model
+from beechat.events import ChatMessage, DecodeClock, Done, collect
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from beechat.events import Stats
+from beechat.events import Chunk, Stats
+from beechat.reasoning import ReplyText
 from beechat.store import (
     Conversation,
     Store,
     export_conversation,
     safe_filename,
-    split_reasoning,
     write_export,
 )
 from beechat.store.export import stats_fields
@@ -61,21 +61,36 @@ def conversation(tmp_path: Path) -> Conversation:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reasoning
+# Reasoning (the split itself: tests/test_reasoning.py)
 
 
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        ("plain answer", (None, "plain answer")),
-        ("<think>\nwhy\n</think>\n\nbecause", ("why", "because")),
-        ("why only closes\n</think>\n\nbecause", ("why only closes", "because")),  # <think> was in the prompt
-        ("<think>\nstill going", ("still going", "")),
-        ("<think>\n\n</think>\n\nanswer", ("", "answer")),  # thinking switched off
-    ],
-)
-def test_split_reasoning(content: str, expected: tuple[str | None, str]) -> None:
-    assert split_reasoning(content) == expected
+def test_exports_use_the_stored_reasoning_and_answer(tmp_path: Path) -> None:
+    """A reply saved with its parts typed (as the session saves it) is exported from those fields:
+    the raw text's markup is never parsed again."""
+    store = Store(tmp_path / "db.sqlite3")
+    try:
+        conversation_id = store.new_conversation()
+        reply = ReplyText()
+        for kind, text in (("reasoning-start", "<think>\n"), ("reasoning", "Why not?\n"),
+                           ("reasoning-end", "</think>\n\n"), ("answer", "Because.")):
+            reply.add(Chunk(text, 1, kind=kind))  # type: ignore[arg-type]
+        store.add_message(conversation_id, "assistant", reply)
+        # a reply whose raw text says otherwise: what counts is what was stored apart
+        store.add_message(conversation_id, "assistant", ReplyText.from_text("Plain <think>words"))
+        conversation = store.get(conversation_id)
+    finally:
+        store.close()
+    first, second = json.loads(export_conversation(conversation, "json"))["messages"]
+    assert first["content"] == "<think>\nWhy not?\n</think>\n\nBecause."
+    assert (first["reasoning"], first["answer"]) == ("Why not?", "Because.")
+    assert (second["reasoning"], second["answer"]) == ("words", "Plain")
+    markdown = export_conversation(conversation, "md")
+    assert "> **Reasoning**\n>\n> Why not?\n\nBecause.\n" in markdown
+    assert "> **Reasoning** (unfinished)\n>\n> words\n\nPlain\n" in markdown
+    assert "<think>" not in markdown
+    page = export_conversation(conversation, "html")
+    assert '<summary>Reasoning</summary><div class="text">Why not?</div>' in page
+    assert '<summary>Reasoning (unfinished)</summary><div class="text">words</div>' in page
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from beechat.backends.openai import OpenAIBackend, decode_payloads, estimate_tok
 from beechat.backends.registry import create_backend
 from beechat.config import Profile, Sampling
 from beechat.events import Chunk, Done, Event, StatsUpdate
+from beechat.reasoning import ReplyText
 from beechat.session import ChatSession
 from tests.support import demo_model_path, free_port
 
@@ -453,6 +454,35 @@ def test_sse_details_reasoning_and_api_key(scripted: ScriptedHTTPServer, monkeyp
     assert scripted.headers[-1].get("Authorization") == "Bearer sk-sekrit-123"
     assert "sk-sekrit" not in repr(info) and "sk-sekrit" not in repr(vars(keyed))
     keyed.close()
+
+
+def test_structured_reasoning_becomes_reasoning_chunks(scripted: ScriptedHTTPServer) -> None:
+    """`reasoning_content` / `reasoning` deltas arrive as reasoning chunks, with no <think> text in
+    them; `<think>` written inline in the content is typed by the same splitter as the engine's."""
+    def delta(**fields: str) -> bytes:
+        return f"data: {json.dumps({'choices': [{'index': 0, 'delta': fields, 'finish_reason': None}]})}\n\n".encode()
+
+    def script(handler: ScriptedHandler) -> None:
+        sse_head(handler)
+        handler.wfile.write(delta(reasoning_content="Let me ") + delta(reasoning="see.") + delta(content="Yes"))
+        handler.wfile.write(content_chunk(" <thi") + content_chunk("nk>again</think>done", "stop"))
+        handler.wfile.write(b"data: [DONE]\n\n")
+
+    scripted.script = script
+    backend = scripted_backend(scripted)
+    events, done = run(backend, "hi")
+    backend.close()
+    chunks = [e for e in events if isinstance(e, Chunk)]
+    assert [(c.kind, c.text) for c in chunks if c.kind in ("reasoning", "answer")] == [
+        ("reasoning", "Let me "), ("reasoning", "see."), ("answer", "Yes"), ("answer", " "),
+        ("reasoning", "again"), ("answer", "done")]
+    raw = "<think>\nLet me see.\n</think>\n\nYes <think>again</think>done"  # the history, as before
+    assert "".join(c.text for c in chunks) == done.text == raw
+    assert sum(c.n_tokens for c in chunks) == done.stats.tokens == 5
+    reply = ReplyText()
+    for chunk in chunks:
+        reply.add(chunk)
+    assert (reply.reasoning, reply.answer) == ("Let me see.again", "Yes done")
 
 
 def test_sse_parser_units() -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from beechat.config import Sampling
-from beechat.events import Stats
+from beechat.events import Chunk, Stats
+from beechat.reasoning import ReplyText
 from beechat.store import (
     SCHEMA_VERSION,
     AmbiguousConversation,
@@ -28,6 +29,7 @@ from beechat.store import (
     default_store,
     title_from_text,
 )
+from beechat.store.schema import MIGRATIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,6 +85,53 @@ def test_database_from_a_newer_beechat_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="newer beechat") as caught:
         Store(path)
     assert "\n" not in str(caught.value)
+
+
+def test_schema_1_database_gets_reasoning_split_once(tmp_path: Path) -> None:
+    """A database from before reasoning was kept apart: its replies are split once, by the same
+    splitter the backends use; the raw text (the history sent back to the model) is untouched."""
+    path = tmp_path / "db.sqlite3"
+    with closing(sqlite3.connect(path)) as connection:
+        for statement in MIGRATIONS[0]:
+            assert isinstance(statement, str)
+            connection.execute(statement)
+        connection.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES (1, 't', 1, 1)")
+        rows = [(1, "user", "Why?", 1), (2, "assistant", "<think>\nBecause.\n</think>\n\nIt is so.", 1),
+                (3, "user", "<think>typed by the user</think>", 1),
+                (4, "assistant", "Only a close.</think>\n\nAnswer", 1),
+                (5, "assistant", "Plain reply", 1), (6, "assistant", "<think>cut off", 0)]
+        connection.executemany("INSERT INTO messages (conversation_id, seq, role, content, created_at, complete) "
+                               "VALUES (1, ?, ?, ?, 0, ?)", rows)
+        connection.execute("PRAGMA user_version = 1")
+        connection.commit()
+    with Store(path) as store:
+        messages = store.get(1).messages
+        history = store.chat_messages(1)
+    assert [(m.reasoning, m.answer, m.reasoning_open) for m in messages] == [
+        (None, "Why?", False), ("\nBecause.\n", "It is so.", False), (None, "<think>typed by the user</think>", False),
+        ("Only a close.", "Answer", False), (None, "Plain reply", False), ("cut off", "", True),
+    ]
+    assert [m["content"] for m in history] == [row[2] for row in rows]
+    with closing(sqlite3.connect(path)) as other:
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+def test_replies_saved_from_typed_chunks_keep_reasoning_apart(store: Store) -> None:
+    conversation_id = store.new_conversation()
+    reply_id = store.begin_reply(conversation_id)
+    reply = ReplyText()
+    reply.add(Chunk("<think>", 1, kind="reasoning-start"))
+    reply.add(Chunk("hmm", 1, kind="reasoning"))
+    store.update_reply(reply_id, reply)
+    partial = store.get_message(reply_id)
+    assert (partial.content, partial.reasoning, partial.answer, partial.reasoning_open) == (
+        "<think>hmm", "hmm", "", True)
+    reply.add(Chunk("</think>", 1, kind="reasoning-end"))
+    reply.add(Chunk("Yes.", 1))
+    store.finish_reply(reply_id, reply, None, "stop")
+    finished = store.get_message(reply_id)
+    assert (finished.content, finished.reasoning, finished.answer, finished.reasoning_open) == (
+        "<think>hmm</think>Yes.", "hmm", "Yes.", False)
 
 
 def test_a_file_that_is_not_a_database_gets_a_one_line_error(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from beechat.backends.base import BackendError, ModelInfo, ProgressCallback
 from beechat.config import ModelFileError, Profile, Sampling, check_model_file
 from beechat.engine.chat import ChatEngine, EngineError, EngineSettings
 from beechat.events import ChatMessage, Done, Event, Stats
+from beechat.reasoning import split_chunks
 
 
 class EmbeddedBackend:
@@ -73,7 +74,8 @@ class EmbeddedBackend:
         if self.engine is None:
             yield Done(text="", stats=Stats(), finish_reason="error", error="no model loaded")
             return
-        yield from self.engine.generate(messages, sampling, cancel, max_tokens or self.profile.max_tokens)
+        # the engine emits raw text: reasoning and answer are typed here, once
+        yield from split_chunks(self.engine.generate(messages, sampling, cancel, max_tokens or self.profile.max_tokens))
 
     def count_tokens(self, text: str) -> int:
         return self._engine().count_tokens(text)

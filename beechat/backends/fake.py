@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from beechat.backends.base import BackendError, ModelInfo, ProgressCallback
 from beechat.config import Profile, Sampling
 from beechat.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
+from beechat.reasoning import split_chunks
 
 # KV bytes per context cell for a 27B-class hybrid model (16 attention layers, 4 KV heads, dim 256).
 KV_BYTES_PER_CELL: dict[str, int] = {"f32": 131072, "f16": 65536, "bf16": 65536, "q8_0": 34816,
@@ -122,7 +123,8 @@ class FakeBackend:
             return
         text = self._next_reply(messages)
         self.sent_replies.append(text)
-        yield from _Playback(self, messages, text, cancel, max_tokens or self.profile.max_tokens).events()
+        # raw text, typed like the embedded engine's
+        yield from split_chunks(_Playback(self, messages, text, cancel, max_tokens or self.profile.max_tokens).events())
 
     def count_tokens(self, text: str) -> int:
         return len(fake_tokens(text))

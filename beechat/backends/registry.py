@@ -15,7 +15,7 @@ from beechat.config import Profile
 #: profile.backend -> implementation, imported lazily
 BACKENDS: dict[str, str] = {
     "embedded": "beechat.backends.embedded:EmbeddedBackend",
-    "openai": "beechat.backends.openai:OpenAIBackend",
+    "openai": "beechat.backends.openai.backend:OpenAIBackend",
 }
 #: an embedded profile run in its own engine process (the TUI; beechat/backends/worker.py)
 OWN_PROCESS: dict[str, str] = {

@@ -31,7 +31,7 @@ Send = Callable[[tuple[Any, ...]], None]
 class Outbox:
     """Collects a reply's events and sends them in batches: everything that accumulated since the
     last send, once FLUSH_INTERVAL_S has passed (or at Done). Consecutive chunks of the same
-    kind are merged (text and token counts add up, nothing is dropped); stats coalesce to the
+    source and kind are merged (text and token counts add up, nothing is dropped); stats coalesce to the
     latest snapshot, which goes at the end of its batch."""
 
     def __init__(self, send: Send, stream_id: int, interval_s: float = FLUSH_INTERVAL_S,
@@ -51,9 +51,10 @@ class Outbox:
         if isinstance(event, Chunk):
             self.text_parts.append(event.text)
             last = self._pending[-1] if self._pending else None
-            if isinstance(last, Chunk) and (last.from_draft, last.source) == (event.from_draft, event.source):
+            if isinstance(last, Chunk) and (last.from_draft, last.source, last.kind) == (
+                    event.from_draft, event.source, event.kind):
                 self._pending[-1] = Chunk(last.text + event.text, last.n_tokens + event.n_tokens, event.from_draft,
-                                          event.source)
+                                          event.source, event.kind)
             else:
                 self._pending.append(event)
         elif isinstance(event, StatsUpdate):

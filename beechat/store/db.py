@@ -1,7 +1,10 @@
 """Conversations in SQLite: one file, WAL journal, every write committed at once.
 
 A reply being streamed is a message row with `complete = 0` that `update_reply` rewrites as it
-grows, so a crash or a kill loses at most the text produced since the last update.
+grows, so a crash or a kill loses at most the text produced since the last update. A reply is
+saved three ways from one `ReplyText`: `content` as the model emitted it (the history sent back to
+it), its `reasoning` and its `answer` (what the screen and the exports show). The schema and its
+migrations are in schema.py.
 One connection serves every thread; a lock serialises its use.
 """
 
@@ -16,145 +19,24 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from beechat import locations
 from beechat.events import ChatMessage, Role, Stats
+from beechat.reasoning import ReplyText
+from beechat.store.errors import AmbiguousConversation, ConversationNotFound, MessageNotFound, StoreError
+from beechat.store.records import Conversation, ConversationSummary, JsonObject, StoredMessage
+from beechat.store.schema import migrate
 
 if TYPE_CHECKING:  # sampling arrives as beechat.config.Sampling; the store needs only its fields
     from _typeshed import DataclassInstance
 
 ROLES: Final[tuple[Role, ...]] = ("system", "user", "assistant")
 TITLE_MAX_CHARS: Final = 60
-UNTITLED: Final = "Untitled conversation"
 LATEST_REFS: Final = frozenset({"last", "latest"})
 BUSY_TIMEOUT_S: Final = 5.0
-
-JsonObject = dict[str, Any]
-
-
-class StoreError(Exception):
-    """A conversation-store failure with a one-line, user-facing message."""
-
-
-class ConversationNotFound(StoreError, LookupError):
-    """No conversation matches the id or reference given."""
-
-
-class AmbiguousConversation(StoreError, LookupError):
-    """A title matches more than one conversation."""
-
-
-class MessageNotFound(StoreError, LookupError):
-    """No message (or no unfinished reply) has the id given."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    """One message of a conversation as saved; `complete` is False while a reply streams."""
-
-    id: int
-    conversation_id: int
-    seq: int  # position in the conversation, increasing (gaps after deletions)
-    role: Role
-    content: str
-    created_at: float  # Unix seconds
-    profile: str | None = None
-    model_info: JsonObject | None = None  # target, draft, speculation, cache types, n_ctx...
-    sampling: JsonObject | None = None  # Sampling fields
-    stats: JsonObject | None = None  # Stats.to_dict()
-    finish_reason: str | None = None
-    complete: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class ConversationSummary:
-    """A row of the conversation list."""
-
-    id: int
-    title: str  # "" while untitled
-    updated_at: float
-    message_count: int
-    profile: str | None
-
-    @property
-    def display_title(self) -> str:
-        return self.title or UNTITLED
-
-
-@dataclass(frozen=True, slots=True)
-class Conversation:
-    """A conversation with all its messages in order."""
-
-    id: int
-    title: str  # "" while untitled
-    created_at: float
-    updated_at: float  # last message activity (rename does not change it)
-    profile: str | None  # the profile used most recently in it
-    messages: list[StoredMessage]
-
-    @property
-    def display_title(self) -> str:
-        return self.title or UNTITLED
-
-
-# ----------------------------------------------------------------------------------------------
-# Schema: migration N (1-based) takes the database from user_version N-1 to N.
-
-_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """
-        CREATE TABLE conversations (
-            id          INTEGER PRIMARY KEY AUTOINCREMENT,
-            title       TEXT    NOT NULL DEFAULT '',
-            created_at  REAL    NOT NULL,
-            updated_at  REAL    NOT NULL,
-            profile     TEXT
-        )
-        """,
-        """
-        CREATE TABLE messages (
-            id              INTEGER PRIMARY KEY AUTOINCREMENT,
-            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-            seq             INTEGER NOT NULL,
-            role            TEXT    NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-            content         TEXT    NOT NULL,
-            created_at      REAL    NOT NULL,
-            profile         TEXT,
-            model_info      TEXT,
-            sampling        TEXT,
-            stats           TEXT,
-            finish_reason   TEXT,
-            complete        INTEGER NOT NULL DEFAULT 1 CHECK (complete IN (0, 1)),
-            UNIQUE (conversation_id, seq)
-        )
-        """,
-        "CREATE INDEX conversations_by_update ON conversations (updated_at DESC, id DESC)",
-    ),
-)
-SCHEMA_VERSION: Final = len(_MIGRATIONS)
-
-
-def migrate(connection: sqlite3.Connection, path: Path) -> None:
-    """Bring the schema up to SCHEMA_VERSION, one atomic step per version."""
-    connection.execute("BEGIN IMMEDIATE")  # re-read the version under the write lock
-    try:
-        current = int(connection.execute("PRAGMA user_version").fetchone()[0])
-        if current > SCHEMA_VERSION:
-            raise StoreError(f"{path}: written by a newer beechat (schema {current}, this one "
-                             f"knows up to {SCHEMA_VERSION}); upgrade beechat")
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            for statement in _MIGRATIONS[version - 1]:
-                connection.execute(statement)
-            connection.execute(f"PRAGMA user_version = {version}")
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +182,7 @@ class Store:
         self,
         conversation_id: int,
         role: Role,
-        content: str,
+        content: str | ReplyText,
         *,
         profile: str | None = None,
         model_info: Mapping[str, Any] | None = None,
@@ -308,7 +190,8 @@ class Store:
         stats: Stats | Mapping[str, Any] | None = None,
         finish_reason: str | None = None,
     ) -> int:
-        """Append a complete message and return its id; titles an untitled conversation."""
+        """Append a complete message and return its id; titles an untitled conversation.
+        A reply given as raw text is split into reasoning and answer here."""
         return self._insert_message(
             conversation_id, role, content, profile=profile, model_info=model_info,
             sampling=sampling, stats=stats, finish_reason=finish_reason, complete=True,
@@ -328,23 +211,18 @@ class Store:
             sampling=sampling, stats=None, finish_reason=None, complete=False,
         )
 
-    def update_reply(self, message_id: int, content: str,
+    def update_reply(self, message_id: int, content: str | ReplyText,
                      stats: Stats | Mapping[str, Any] | None = None) -> None:
         """Save the reply so far (one UPDATE, committed); `stats=None` keeps the saved stats."""
         with self._guard() as db:  # autocommit: the UPDATE is committed on its own
-            if stats is None:
-                cursor = db.execute(
-                    "UPDATE messages SET content = ? WHERE id = ? AND complete = 0", (content, message_id),
-                )
-            else:
-                cursor = db.execute(
-                    "UPDATE messages SET content = ?, stats = ? WHERE id = ? AND complete = 0",
-                    (content, _encode_stats(stats), message_id),
-                )
+            cursor = db.execute(
+                f"UPDATE messages SET {_TEXT_COLUMNS}, stats = COALESCE(?, stats) WHERE id = ? AND complete = 0",
+                (*_text_values("assistant", content), _encode_stats(stats), message_id),
+            )
         if cursor.rowcount == 0:
             raise MessageNotFound(f"no unfinished reply with id {message_id}")
 
-    def finish_reply(self, message_id: int, content: str, stats: Stats | Mapping[str, Any] | None,
+    def finish_reply(self, message_id: int, content: str | ReplyText, stats: Stats | Mapping[str, Any] | None,
                      finish_reason: str | None) -> None:
         """Save the whole reply and mark it complete; `stats=None` keeps the saved stats."""
         with self._transaction() as db:
@@ -354,9 +232,9 @@ class Store:
             if row is None:
                 raise MessageNotFound(f"no unfinished reply with id {message_id}")
             db.execute(
-                "UPDATE messages SET content = ?, stats = COALESCE(?, stats), finish_reason = ?, "
+                f"UPDATE messages SET {_TEXT_COLUMNS}, stats = COALESCE(?, stats), finish_reason = ?, "
                 "complete = 1 WHERE id = ?",
-                (content, _encode_stats(stats), finish_reason, message_id),
+                (*_text_values("assistant", content), _encode_stats(stats), finish_reason, message_id),
             )
             self._touch(db, int(row["conversation_id"]))
 
@@ -403,7 +281,7 @@ class Store:
         self,
         conversation_id: int,
         role: Role,
-        content: str,
+        content: str | ReplyText,
         *,
         profile: str | None,
         model_info: Mapping[str, Any] | None,
@@ -413,6 +291,7 @@ class Store:
         complete: bool,
     ) -> int:
         checked_role = _as_role(role)
+        texts = _text_values(checked_role, content)
         sampling_json = _encode_json(sampling if sampling is None or isinstance(sampling, Mapping)
                                      else dataclasses.asdict(sampling))
         with self._transaction() as db:
@@ -422,15 +301,15 @@ class Store:
                 (conversation_id,),
             ).fetchone()[0])
             cursor = db.execute(
-                "INSERT INTO messages (conversation_id, seq, role, content, created_at, profile, "
-                "model_info, sampling, stats, finish_reason, complete) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, seq, checked_role, content, now, profile, _encode_json(model_info),
+                "INSERT INTO messages (conversation_id, seq, role, content, reasoning, answer, reasoning_open, "
+                "created_at, profile, model_info, sampling, stats, finish_reason, complete) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, seq, checked_role, *texts, now, profile, _encode_json(model_info),
                  sampling_json, _encode_stats(stats), finish_reason, int(complete)),
             )
             message_id = _row_id(cursor)
             if checked_role == "user":
-                title = title_from_text(content)
+                title = title_from_text(texts[0])
                 if title:
                     db.execute("UPDATE conversations SET title = ? WHERE id = ? AND title = ''",
                                (title, conversation_id))
@@ -555,4 +434,18 @@ def _message_from_row(row: sqlite3.Row) -> StoredMessage:
         profile=row["profile"], model_info=_decode_json(row["model_info"]),
         sampling=_decode_json(row["sampling"]), stats=_decode_json(row["stats"]),
         finish_reason=row["finish_reason"], complete=bool(row["complete"]),
+        reasoning=row["reasoning"], answer=row["answer"], reasoning_open=bool(row["reasoning_open"]),
     )
+
+
+_TEXT_COLUMNS: Final = "content = ?, reasoning = ?, answer = ?, reasoning_open = ?"
+
+
+def _text_values(role: Role, content: str | ReplyText) -> tuple[str, str | None, str, int]:
+    """(content, reasoning, answer, reasoning_open) of a message: a reply given as raw text is split
+    by the one reasoning splitter; other roles have no reasoning."""
+    if isinstance(content, str):
+        if role != "assistant":
+            return content, None, content, 0
+        content = ReplyText.from_text(content)
+    return content.raw, content.reasoning, content.answer, int(content.reasoning_open)

@@ -1,7 +1,8 @@
 """Transcripts of a saved conversation as Markdown, JSON or HTML (docs/export.md).
 
 Every assistant reply carries its stats, model and sampling settings; a value that is not known
-is shown as "n/a", never as a made-up zero. Qwen `<think>` reasoning is set apart from the answer.
+is shown as "n/a", never as a made-up zero. A reply's reasoning is set apart from its answer, as
+the store keeps them (no text is parsed here).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from beechat import locations
-from beechat.store.db import Conversation, StoredMessage, json_safe
+from beechat.store.db import json_safe
+from beechat.store.records import Conversation, StoredMessage
 
 ExportFormat = Literal["md", "json", "html"]
 EXPORT_FORMATS: Final[tuple[ExportFormat, ...]] = ("md", "json", "html")
@@ -27,9 +29,6 @@ TRANSCRIPT_VERSION: Final = 1
 NOT_AVAILABLE: Final = "n/a"
 CONTEXT_CUT_NOTE: Final = "Cut: the reply reached the end of the context"
 FILENAME_STEM_MAX_BYTES: Final = 80
-
-THINK_OPEN: Final = "<think>"
-THINK_CLOSE: Final = "</think>"
 
 ROLE_HEADINGS: Final = {"system": "System", "user": "User", "assistant": "Assistant"}
 SAMPLING_ORDER: Final = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
@@ -97,29 +96,12 @@ def safe_filename(title: str | None, conversation_id: int, ext: str) -> str:
     return f"{stem}-{conversation_id}.{suffix}"
 
 
-def split_reasoning(content: str) -> tuple[str | None, str]:
-    """(reasoning, answer) of a reply; reasoning is None when there is no `<think>` block.
-
-    Handles a reply whose `<think>` was part of the prompt (only `</think>` is in the reply) and
-    a reply cut off while still reasoning (no `</think>` yet: everything after `<think>`).
-    """
-    open_at = content.find(THINK_OPEN)
-    close_at = content.find(THINK_CLOSE)
-    if close_at != -1 and (open_at == -1 or open_at > close_at):
-        reasoning, answer = content[:close_at], content[close_at + len(THINK_CLOSE):]
-    elif open_at != -1 and close_at == -1:
-        reasoning, answer = content[open_at + len(THINK_OPEN):], content[:open_at]
-    elif open_at != -1:
-        reasoning = content[open_at + len(THINK_OPEN):close_at]
-        answer = content[:open_at] + content[close_at + len(THINK_CLOSE):]
-    else:
-        return None, content
-    return reasoning.strip(), answer.strip()
-
-
-def reasoning_unfinished(content: str) -> bool:
-    """Whether a `<think>` block was opened and never closed."""
-    return THINK_OPEN in content and THINK_CLOSE not in content
+def reasoning_and_answer(message: StoredMessage) -> tuple[str | None, str]:
+    """(reasoning, answer) of a message as a transcript shows them; reasoning is None when the
+    message has none, else both lose the whitespace around them (the newlines by the markup)."""
+    if message.reasoning is None:
+        return None, message.answer
+    return message.reasoning.strip(), message.answer.strip()
 
 
 def transcript_dict(conv: Conversation) -> dict[str, Any]:
@@ -215,9 +197,9 @@ def _markdown_message(message: StoredMessage) -> list[str]:
         lines += ["*Partial reply: generation did not finish (interrupted or still streaming).*", ""]
     if cut:
         lines += [f"*{CONTEXT_CUT_NOTE}.*", ""]
-    reasoning, answer = split_reasoning(message.content)
+    reasoning, answer = reasoning_and_answer(message)
     if reasoning:
-        marker = "> **Reasoning**" + (" (unfinished)" if reasoning_unfinished(message.content) else "")
+        marker = "> **Reasoning**" + (" (unfinished)" if message.reasoning_open else "")
         lines += [marker, ">"]
         lines += [f"> {line}" if line else ">" for line in reasoning.splitlines()]
         lines.append("")
@@ -310,9 +292,9 @@ def _html_message(message: StoredMessage) -> list[str]:
     if message.role != "assistant":
         parts += [f'<div class="text">{esc(message.content)}</div>', "</article>"]
         return parts
-    reasoning, answer = split_reasoning(message.content)
+    reasoning, answer = reasoning_and_answer(message)
     if reasoning:
-        summary = "Reasoning" + (" (unfinished)" if reasoning_unfinished(message.content) else "")
+        summary = "Reasoning" + (" (unfinished)" if message.reasoning_open else "")
         parts.append(f'<details class="reasoning"><summary>{summary}</summary>'
                      f'<div class="text">{esc(reasoning)}</div></details>')
     if answer:
@@ -352,10 +334,8 @@ def _conversation_meta(conv: Conversation) -> list[str]:
 
 def _message_dict(message: StoredMessage) -> dict[str, Any]:
     data: dict[str, Any] = json_safe(dataclasses.asdict(message))
-    if message.role == "assistant":
-        data["reasoning"], data["answer"] = split_reasoning(message.content)
-    else:
-        data["reasoning"], data["answer"] = None, message.content
+    del data["reasoning_open"]  # the transcript format (docs/export.md) has no such key
+    data["reasoning"], data["answer"] = reasoning_and_answer(message)
     return data
 
 

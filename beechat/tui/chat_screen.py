@@ -23,13 +23,12 @@ from textual.timer import Timer
 from textual.widgets import Footer
 
 from beechat.config import Sampling
-from beechat.events import Chunk, Done, Event, Notice, Stats, StatsUpdate
+from beechat.events import AnswerWasReasoning, Chunk, Done, Event, Notice, Stats, StatsUpdate
 from beechat.session import ChatSession
 from beechat.tui.conversations import ConversationScreen
 from beechat.tui.errors import one_line_error, show_error
 from beechat.tui.host import ChatHost
 from beechat.tui.messages import ReplyFinished, ReplyNotice
-from beechat.tui.reasoning import split_reply
 from beechat.tui.widgets import (
     ChatView,
     ConversationSidebar,
@@ -175,7 +174,9 @@ class ChatScreen(ConversationScreen):
 
         def on_event(event: Event) -> None:
             if isinstance(event, Chunk):
-                feed.add_text(event.text, event.from_draft)
+                feed.add_text(event.text, event.from_draft, event.kind)
+            elif isinstance(event, AnswerWasReasoning):
+                feed.answer_was_reasoning()
             elif isinstance(event, StatsUpdate):
                 feed.set_stats(event.stats)
             elif isinstance(event, Notice):
@@ -269,7 +270,7 @@ class ChatScreen(ConversationScreen):
         if reply is None or not reply.text:
             self.notify("No reply to copy yet")
             return
-        answer = split_reply(reply.text)[1] or reply.text
+        answer = reply.shown.answer or reply.text
         self.app.copy_to_clipboard(answer)
         self.notify(f"Copied the last reply ({len(answer)} characters)")
 

@@ -162,7 +162,8 @@ class ChatView(VerticalScroll):
                 widgets.append(UserMessage(message.content))
             elif message.role == "assistant":
                 widgets.append(ReplyView(
-                    message.profile or "assistant", text=message.content,
+                    message.profile or "assistant", text=message.content, reasoning=message.reasoning,
+                    answer=message.answer,
                     stats=Stats.from_dict(message.stats) if message.stats else None,
                     finish_reason=message.finish_reason, complete=message.complete,
                     show_reasoning=show_reasoning,

@@ -16,9 +16,9 @@ from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Collapsible, Label, Static
 
-from beechat.events import Done, Stats
+from beechat.events import AnswerWasReasoning, ChunkKind, Done, Stats
 from beechat.format import percent, rate, stats_line
-from beechat.tui.reasoning import ReasoningSplitter, split_reply
+from beechat.reasoning import ReplyText
 from beechat.tui.widgets.markdown_stream import StreamingMarkdown
 
 FLUSH_INTERVAL_S: Final = 1 / 20  # streamed text reaches the Markdown at most this often (a frame)
@@ -35,13 +35,16 @@ FINISH_NOTES: Final = {
 
 
 @dataclass(slots=True)
-
-
 class TokenRun:
-    """Consecutive reply text from one source: accepted draft tokens or target tokens."""
+    """Consecutive reply text from one source (accepted draft tokens or target tokens) and of one
+    kind (answer, reasoning or the markup around it)."""
 
     text: str
     from_draft: bool
+    kind: ChunkKind = "answer"
+
+
+FeedItem = TokenRun | AnswerWasReasoning
 
 
 class ReplyFeed:
@@ -54,24 +57,30 @@ class ReplyFeed:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._runs: list[TokenRun] = []
+        self._runs: list[FeedItem] = []
         self._stats: Stats | None = None
 
-    def add_text(self, text: str, from_draft: bool) -> None:
+    def add_text(self, text: str, from_draft: bool, kind: ChunkKind = "answer") -> None:
         if not text:
             return
         with self._lock:
-            if self._runs and self._runs[-1].from_draft == from_draft:
-                self._runs[-1].text += text
+            last = self._runs[-1] if self._runs else None
+            if isinstance(last, TokenRun) and (last.from_draft, last.kind) == (from_draft, kind):
+                last.text += text
             else:
-                self._runs.append(TokenRun(text, from_draft))
+                self._runs.append(TokenRun(text, from_draft, kind))
+
+    def answer_was_reasoning(self) -> None:
+        """The answer added so far was reasoning (beechat.events.AnswerWasReasoning)."""
+        with self._lock:
+            self._runs.append(AnswerWasReasoning())
 
     def set_stats(self, stats: Stats) -> None:
         with self._lock:
             self._stats = stats
 
-    def take_text(self) -> list[TokenRun]:
-        """The text added since the last call, in order."""
+    def take_text(self) -> list[FeedItem]:
+        """The text (and corrections) added since the last call, in order."""
         with self._lock:
             runs, self._runs = self._runs, []
         return runs
@@ -114,6 +123,8 @@ class ReplyView(Vertical):
         author: str,
         *,
         text: str = "",
+        reasoning: str | None = None,
+        answer: str | None = None,
         stats: Stats | None = None,
         finish_reason: str | None = None,
         error: str | None = None,
@@ -127,14 +138,17 @@ class ReplyView(Vertical):
         """Where the text of a streaming reply arrives (from any thread)."""
         self.author = author
         self.runs: list[TokenRun] = [TokenRun(text, False)] if text else []
+        """The reply as the model emitted it, in runs by source (the draft-token view)."""
+        self.shown = ReplyText.from_parts(text, reasoning, text if answer is None else answer)
+        """Reasoning and answer as written to the screen so far (a stored reply: as the store split it)."""
         self.stats = stats
         self.finish_reason = finish_reason
         self.error = error
         self.complete = complete
         self.streaming = streaming
         self._show_reasoning = show_reasoning
-        self._pending: list[str] = []
-        self._splitter = ReasoningSplitter()
+        self._pending: list[FeedItem] = []  # typed text taken from the feed, not written yet
+        self._in_reasoning = False  # the text written last was reasoning
         self._flush_timer: Timer | None = None
         self._lock = asyncio.Lock()  # the flush timer and finish() never write at the same time
         self._next_write_at = 0.0  # monotonic time before which the flush timer does not write
@@ -162,17 +176,14 @@ class ReplyView(Vertical):
     # -- streaming -----------------------------------------------------------------------------
     def _take_feed(self) -> None:
         """Move the text that arrived in the feed into the reply (shown at the next write)."""
-        for run in self.feed.take_text():
-            self._add_text(run.text, run.from_draft)
-
-    def _add_text(self, text: str, from_draft: bool) -> None:
-        if not text:
-            return
-        if self.runs and self.runs[-1].from_draft == from_draft:
-            self.runs[-1].text += text
-        else:
-            self.runs.append(TokenRun(text, from_draft))
-        self._pending.append(text)
+        for item in self.feed.take_text():
+            self._pending.append(item)
+            if isinstance(item, AnswerWasReasoning) or not item.text:
+                continue
+            if self.runs and self.runs[-1].from_draft == item.from_draft:
+                self.runs[-1].text += item.text
+            else:
+                self.runs.append(TokenRun(item.text, item.from_draft))
 
     def show_live_stats(self, stats: Stats) -> None:
         """Show a live stats snapshot under the reply while it streams: one short line, updated
@@ -183,8 +194,6 @@ class ReplyView(Vertical):
     async def finish(self, done: Done) -> None:
         """Show what is left (a frame's worth at a time, like the stream) and the final stats."""
         self._take_feed()
-        if done.text != self.text and done.text.startswith(self.text):
-            self._add_text(done.text[len(self.text):], False)  # text the events did not carry
         while self.is_attached:
             async with self._lock:
                 await self._write_pending(final=False)
@@ -192,7 +201,7 @@ class ReplyView(Vertical):
                     if self._flush_timer is not None:
                         self._flush_timer.stop()
                         self._flush_timer = None
-                    await self._write_pending(final=True)  # what the reasoning splitter held back
+                    await self._write_pending(final=True)
                     break
             await asyncio.sleep(max(FLUSH_INTERVAL_S, self._next_write_at - time.monotonic()))
         if not self.is_attached:  # the app is closing
@@ -222,26 +231,29 @@ class ReplyView(Vertical):
     async def _write_pending(self, final: bool) -> None:
         """Write up to FRAME_CHARS of the queued text (all of it when `final`)."""
         started = time.monotonic()
-        text = "".join(self._pending)
-        self._pending.clear()
-        if not final and len(text) > FRAME_CHARS:
-            text, rest = text[:FRAME_CHARS], text[FRAME_CHARS:]
-            self._pending.append(rest)
-        segments = self._splitter.feed(text) if text else []
-        if final:
-            segments.extend(self._splitter.finish())
-        for kind, part in segments:
-            if kind == "answer":
-                await self.answer.write(part)
-            elif kind == "reasoning":
-                self._reveal_reasoning()
-                await self.reasoning.write(part)
-            else:  # the answer so far was reasoning after all: start the answer again
+        batch, self._pending = self._pending, []
+        if not final:
+            batch, self._pending = _frame(batch, FRAME_CHARS)
+        for item in _by_kind(batch):  # one Markdown append per kind, however the draft flags alternate
+            if isinstance(item, AnswerWasReasoning):  # start the answer again; what it had is reasoning
+                moved = self.shown.answer
+                self.shown.add(item)
                 await self.answer.show("")
-        if text or segments:
+                if moved:
+                    self._reveal_reasoning()
+                    await self.reasoning.write(moved)
+                continue
+            self.shown.add_segment(item.kind, item.text)
+            if item.kind == "answer":
+                await self.answer.write(item.text)
+            elif item.kind == "reasoning":
+                self._reveal_reasoning()
+                await self.reasoning.write(item.text)
+            self._in_reasoning = item.kind in ("reasoning", "reasoning-start")
+        if batch:
             self.call_after_refresh(self._paced, started)
             collapsible = self.query_one(Collapsible)
-            collapsible.title = REASONING_LIVE_TITLE if self._splitter.in_reasoning else REASONING_TITLE
+            collapsible.title = REASONING_LIVE_TITLE if self._in_reasoning else REASONING_TITLE
             draft_tokens = self.query_one(DraftTokensView)
             if draft_tokens.display:
                 draft_tokens.refresh(layout=True)
@@ -256,11 +268,11 @@ class ReplyView(Vertical):
 
     # -- a whole reply (from the store) ----------------------------------------------------------
     async def _show_whole_text(self) -> None:
-        reasoning, answer = split_reply(self.text)
+        reasoning = self.shown.reasoning
         if reasoning:
             self._reveal_reasoning()
             await self.reasoning.show(reasoning)
-        await self.answer.show(answer)
+        await self.answer.show(self.shown.answer)
 
     # -- helpers -------------------------------------------------------------------------------
     def _reveal_reasoning(self) -> None:
@@ -274,6 +286,32 @@ class ReplyView(Vertical):
         caption = self.query_one(".reply-stats", Static)
         caption.set_class(not self.streaming, "-final")
         caption.update(reply_caption(self.stats, self.finish_reason, self.error, self.complete, self.streaming))
+
+
+def _by_kind(items: list[FeedItem]) -> list[FeedItem]:
+    """Consecutive runs of one kind joined (draft flags dropped: only the draft-token view uses them)."""
+    joined: list[FeedItem] = []
+    for item in items:
+        last = joined[-1] if joined else None
+        if isinstance(item, TokenRun) and isinstance(last, TokenRun) and last.kind == item.kind:
+            joined[-1] = TokenRun(last.text + item.text, False, item.kind)
+        else:
+            joined.append(item)
+    return joined
+
+
+def _frame(items: list[FeedItem], limit: int) -> tuple[list[FeedItem], list[FeedItem]]:
+    """(what to write this frame: about `limit` characters, the rest)."""
+    chars = 0
+    for at, item in enumerate(items):
+        if isinstance(item, AnswerWasReasoning):
+            continue
+        if chars + len(item.text) > limit:
+            cut = limit - chars
+            head = [*items[:at], TokenRun(item.text[:cut], item.from_draft, item.kind)] if cut else items[:at]
+            return head, [TokenRun(item.text[cut:], item.from_draft, item.kind), *items[at + 1:]]
+        chars += len(item.text)
+    return items, []
 
 
 def live_caption(stats: Stats) -> str:
