@@ -30,13 +30,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from beechat.config import Sampling
+from beechat.config import DRAFT_MAX, Sampling
 from beechat.engine import profile
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
-from beechat.events import DecodeClock
 from beechat.engine.llama import Context, Model, supports_gpu_offload
 from beechat.engine.mtp import MTPDrafter
 from beechat.engine.speculative import Generator
+from beechat.events import DecodeClock
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 PROMPT = ("Write a detailed explanation of how speculative decoding works in large language models, "
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--draft", action="append", default=[], help="NAME=PATH, or NAME=ngram")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--ks", default="4,8,15", help="fixed draft lengths to time")
-    ap.add_argument("--draft-max", default="16", help="adaptive runs with these draft_max values")
+    ap.add_argument("--draft-max", default=str(DRAFT_MAX), help="adaptive runs with these draft_max values")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--n-gpu-layers", type=int, default=-1)

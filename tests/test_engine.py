@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from beechat.config import Sampling
-from beechat.engine.chat import ChatEngine, EngineError, EngineSettings
+from beechat.config import EmbeddedSettings, Sampling
+from beechat.engine.chat import ChatEngine, EngineError
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
-from beechat.events import ChatMessage, Chunk, Done, collect
 from beechat.engine.llama import Context, Model
 from beechat.engine.sampling import distribution
 from beechat.engine.speculative import Generator
+from beechat.events import ChatMessage, Chunk, Done, collect
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
 THREADS = 1  # tiny models: one thread is fastest and steadiest on a busy 2-core machine
@@ -27,8 +27,9 @@ THREADS = 1  # tiny models: one thread is fastest and steadiest on a busy 2-core
 
 def engine(target: Path, *, draft: Path | None = None, speculation: str = "none", n_ctx: int = 2048,
            draft_max: int = 8, **kwargs: object) -> ChatEngine:
-    settings = EngineSettings(target=target, draft=draft, speculation=speculation,  # type: ignore[arg-type]
-                              n_ctx=n_ctx, draft_max=draft_max, n_threads=THREADS, **kwargs)  # type: ignore[arg-type]
+    settings = EmbeddedSettings(target=str(target), draft=str(draft) if draft else None,  # type: ignore[arg-type]
+                                speculation=speculation, n_ctx=n_ctx, draft_max=draft_max,  # type: ignore[arg-type]
+                                n_threads=THREADS, **kwargs)
     return ChatEngine(settings)
 
 

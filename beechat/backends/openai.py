@@ -40,7 +40,7 @@ from beechat.backends.metrics import (
 )
 from beechat.backends.server import ManagedServer, is_loopback, root_url, speculation_from_command
 from beechat.backends.server_kv import kv_from_gguf, llama_server_args, local_gguf
-from beechat.config import Profile, Sampling
+from beechat.config import OpenAISettings, Profile, Sampling
 from beechat.events import (
     ChatMessage,
     Chunk,
@@ -355,11 +355,12 @@ class OpenAIBackend:
 
     def __init__(self, profile: Profile, transport: httpx.BaseTransport | None = None) -> None:
         self.profile = profile
-        if not profile.base_url:
+        if not isinstance(profile.settings, OpenAISettings) or not profile.settings.base_url:
             raise BackendError(f"profile {profile.name!r}: backend \"openai\" needs base_url")
-        self.base_url = profile.base_url.rstrip("/")
+        self.settings = profile.settings
+        self.base_url = self.settings.base_url.rstrip("/")
         self.root_url = root_url(self.base_url)
-        self.auth = EnvBearerAuth(profile.api_key_env) if profile.api_key_env else None
+        self.auth = EnvBearerAuth(self.settings.api_key_env) if self.settings.api_key_env else None
         self.server: ManagedServer | None = None
         self.facts: _ServerFacts | None = None
         self.info: ModelInfo | None = None
@@ -373,7 +374,7 @@ class OpenAIBackend:
 
     # -- clients -------------------------------------------------------------------------------
     def _timeout(self, read: float | None = None) -> httpx.Timeout:
-        p = self.profile
+        p = self.settings
         return httpx.Timeout(p.timeout if read is None else read, connect=p.connect_timeout,
                              pool=p.connect_timeout)
 
@@ -393,14 +394,14 @@ class OpenAIBackend:
     def load(self, progress: ProgressCallback | None = None) -> ModelInfo:
         if self.info is not None:
             return self.info
-        p = self.profile
+        p, name = self.settings, self.profile.name
         if p.api_key_env and not os.environ.get(p.api_key_env):
-            raise BackendError(f"profile {p.name!r}: environment variable {p.api_key_env} (api_key_env) "
+            raise BackendError(f"profile {name!r}: environment variable {p.api_key_env} (api_key_env) "
                                "is not set; export the API key there")
         self._closing.clear()
         try:
             if p.server is not None:
-                self.server = ManagedServer(p.server, p.name, self.base_url, p.connect_timeout, self.auth)
+                self.server = ManagedServer(p.server, name, self.base_url, p.connect_timeout, self.auth)
                 if progress is not None:
                     progress(0.0, f"starting server: {p.server.command[0]}")
                 self.server.start()
@@ -424,7 +425,7 @@ class OpenAIBackend:
                 response = client.get(models_url)
             except httpx.HTTPError as exc:
                 raise BackendError(self._describe_transport_error(exc, models_url)) from exc
-            if response.status_code != 503 or time.monotonic() - started > self.profile.timeout:
+            if response.status_code != 503 or time.monotonic() - started > self.settings.timeout:
                 break
             if progress is not None:  # an unmanaged server still loading its model
                 progress(0.5, f"server is loading the model ({time.monotonic() - started:.0f} s)")
@@ -436,10 +437,10 @@ class OpenAIBackend:
                 entries = parse_models(response.json())
         elif response.status_code in (401, 403):
             message, _ = http_error_text(response.status_code, response.reason_phrase, response.content)
-            env = self.profile.api_key_env
+            env = self.settings.api_key_env
             hint = f" (check {env})" if env else " (set api_key_env)"
             raise BackendError(f"{models_url}: {message}{hint}")
-        model = self.profile.api_model
+        model = self.settings.api_model
         if model is None:
             if not entries:
                 message, _ = http_error_text(response.status_code, response.reason_phrase, response.content)
@@ -550,7 +551,7 @@ class OpenAIBackend:
                      max_tokens: int | None) -> dict[str, Any]:
         """The chat request: OpenAI fields plus llama.cpp's extras (servers ignore unknown fields)."""
         body: dict[str, Any] = {
-            "model": self.facts.model if self.facts else self.profile.api_model,
+            "model": self.facts.model if self.facts else self.settings.api_model,
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
             "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
@@ -779,12 +780,12 @@ class OpenAIBackend:
         lowered = message.lower()
         if kind == "exceed_context_size_error" or "maximum context length" in lowered:
             return "context", message
-        if response.status_code in (401, 403) and self.profile.api_key_env:
-            message = one_line(f"{message} (check {self.profile.api_key_env})")
+        if response.status_code in (401, 403) and self.settings.api_key_env:
+            message = one_line(f"{message} (check {self.settings.api_key_env})")
         return "error", message
 
     def _describe_transport_error(self, exc: BaseException, url: str) -> str:
-        p = self.profile
+        p = self.settings
         if isinstance(exc, httpx.ConnectTimeout):
             text = f"timed out connecting to {url} after {p.connect_timeout:g} s"
         elif isinstance(exc, httpx.ConnectError):
