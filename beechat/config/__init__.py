@@ -20,6 +20,7 @@ from beechat.config.paths import (
 from beechat.config.settings import (
     CACHE_TYPES,
     DRAFT_MAX,
+    MAX_TOKENS,
     MIN_MESSAGE_ROOM,
     Backend,
     Config,
@@ -34,8 +35,8 @@ from beechat.config.settings import (
 )
 
 __all__ = [
-    "CACHE_TYPES", "DEMO_MODEL_REF", "DEMO_PACKAGE_HINT", "DRAFT_MAX", "MIN_MESSAGE_ROOM", "PKG_SCHEME", "Backend",
-    "Config", "ConfigError", "EmbeddedSettings", "ModelFileError", "OpenAISettings", "Overflow", "Profile",
+    "CACHE_TYPES", "DEMO_MODEL_REF", "DEMO_PACKAGE_HINT", "DRAFT_MAX", "MAX_TOKENS", "MIN_MESSAGE_ROOM", "PKG_SCHEME",
+    "Backend", "Config", "ConfigError", "EmbeddedSettings", "ModelFileError", "OpenAISettings", "Overflow", "Profile",
     "Sampling", "ServerSpec", "Speculation", "check_model_file", "demo_config", "find_config_file", "load_config",
     "load_config_file", "package_file", "parse_config", "resolve_model_path",
 ]

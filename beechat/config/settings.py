@@ -25,6 +25,7 @@ CACHE_TYPES: dict[str, int] = {
 }
 MIN_MESSAGE_ROOM = 16  # tokens of a message that must fit beside the system prompt and the reply reserve
 DRAFT_MAX = 16  # default upper bound on drafted tokens per pass (`draft_max`)
+MAX_TOKENS = 1024  # default reply length limit (`max_tokens`)
 
 
 class ConfigError(Exception):
@@ -142,7 +143,7 @@ class Profile:
     settings: EmbeddedSettings | OpenAISettings
     source: str = "<built-in>"
     system_prompt: str | None = None
-    max_tokens: int = 1024
+    max_tokens: int = MAX_TOKENS
     sampling: Sampling = field(default_factory=Sampling)
 
     @property

@@ -17,7 +17,15 @@ from typing import Literal
 import llama_cpp  # noqa: F401  # load ggml's libraries before numpy's OpenBLAS (docs/troubleshooting.md)
 import numpy as np
 
-from beechat.config import CACHE_TYPES, MIN_MESSAGE_ROOM, EmbeddedSettings, ModelFileError, Sampling, check_model_file
+from beechat.config import (
+    CACHE_TYPES,
+    MAX_TOKENS,
+    MIN_MESSAGE_ROOM,
+    EmbeddedSettings,
+    ModelFileError,
+    Sampling,
+    check_model_file,
+)
 from beechat.engine.chat_template import ChatTemplate, TemplateError, alternating
 from beechat.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, vocab_mismatch
 from beechat.engine.gguf_meta import read_metadata
@@ -312,7 +320,7 @@ class ChatEngine:
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, messages: Sequence[ChatMessage], sampling: Sampling, cancel: threading.Event,
-                 max_tokens: int = 1024, fixed_k: int | None = None) -> Iterator[Event]:
+                 max_tokens: int = MAX_TOKENS, fixed_k: int | None = None) -> Iterator[Event]:
         with self._lock:
             yield from self._generate(messages, sampling, cancel, max_tokens, fixed_k)
 
