@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from beechat.config import (
+    DRAFT_MAX,
     ConfigError,
+    EmbeddedSettings,
     ModelFileError,
+    OpenAISettings,
     Profile,
     check_model_file,
     demo_config,
@@ -97,6 +100,27 @@ def test_defaults_when_keys_are_absent(tmp_path: Path) -> None:
     draft_implied = load_config_file(write(tmp_path, '[models.a]\ntarget = "a.gguf"\ndraft = "d.gguf"\n'))
     assert draft_implied.profile().embedded.speculation == "draft"
 
+
+
+def test_a_profile_is_its_common_keys_and_one_backend_section(tmp_path: Path) -> None:
+    config = load_config_file(write(tmp_path, GOOD))
+    local, remote = config.profile("big"), config.profile("remote")
+    assert local.backend == "embedded" and isinstance(local.settings, EmbeddedSettings)
+    assert remote.backend == "openai" and isinstance(remote.settings, OpenAISettings)
+    with pytest.raises(TypeError):
+        local.openai  # noqa: B018
+    with pytest.raises(TypeError):
+        remote.embedded  # noqa: B018
+
+
+def test_rollback_snapshots_and_draft_models_follow_one_rule() -> None:
+    plain = EmbeddedSettings(target="t.gguf")
+    assert plain.draft_max == DRAFT_MAX and plain.rollback_snapshots == 0 and not plain.drafts_with_model
+    ngram = EmbeddedSettings(target="t.gguf", speculation="ngram", draft_max=12)
+    assert ngram.rollback_snapshots == 12 and not ngram.drafts_with_model
+    drafted = EmbeddedSettings(target="t.gguf", draft="d.gguf", speculation="draft")
+    assert drafted.rollback_snapshots == DRAFT_MAX and drafted.drafts_with_model
+    assert not EmbeddedSettings(target="t.gguf", draft="d.gguf", speculation="mtp").drafts_with_model
 
 @pytest.mark.parametrize(
     ("text", "key", "line", "expected"),

@@ -122,6 +122,7 @@ def test_self_draft_matches_plain_greedy_over_several_turns(demo_model: Path, pl
     # draft_min: on a busy CPU the adaptive controller may rightly stop drafting, and acceptance
     # over a few probes says little; this test is about exactness and the draft's agreement
     spec_engine = engine(demo_model, draft=demo_model, speculation="draft", draft_min=4)
+    assert spec_engine.generator.controller.draft_min == 4  # passed in like draft_max
     try:
         spec = chat(spec_engine, TURNS)
     finally:
