@@ -27,9 +27,9 @@ THREADS = 1  # tiny models: one thread is fastest and steadiest on a busy 2-core
 
 def engine(target: Path, *, draft: Path | None = None, speculation: str = "none", n_ctx: int = 2048,
            draft_max: int = 8, **kwargs: object) -> ChatEngine:
-    settings = EmbeddedSettings(target=str(target), draft=str(draft) if draft else None,  # type: ignore[arg-type]
+    settings = EmbeddedSettings(target=str(target), draft=str(draft) if draft else None,
                                 speculation=speculation, n_ctx=n_ctx, draft_max=draft_max,  # type: ignore[arg-type]
-                                n_threads=THREADS, **kwargs)
+                                n_threads=THREADS, **kwargs)  # type: ignore[arg-type]
     return ChatEngine(settings)
 
 

@@ -322,8 +322,8 @@ def test_reply_reserve_is_freed_before_each_turn(tiny: Path, store: Store) -> No
 def test_reply_reserve_in_models_toml(tmp_path: Path) -> None:
     base = '[models.a]\ntarget = "a.gguf"\nn_ctx = 512\n'
     config = parse_config(base + "reply_reserve = 256\n", tmp_path / "models.toml")
-    assert config.profile("a").reply_reserve == 256
-    assert parse_config(base, tmp_path / "models.toml").profile("a").reply_reserve is None
+    assert config.profile("a").embedded.reply_reserve == 256
+    assert parse_config(base, tmp_path / "models.toml").profile("a").embedded.reply_reserve is None
     with pytest.raises(ConfigError, match=r"models.toml:4: models.a.reply_reserve: expected an integer >= 1, got 0"):
         parse_config(base + "reply_reserve = 0\n", tmp_path / "models.toml")
     with pytest.raises(ConfigError, match=r"reply_reserve: expected at most n_ctx - 16 \(496\) .* got 500"):
