@@ -102,7 +102,8 @@ def bench_engine(engine: ChatEngine, max_tokens: int = 128, repeat: int = 1,
     accepted_all = sum(r.accepted or 0 for r in runs if r.mode == mode)
     s = engine.settings
     return {
-        "target": s.target.name, "draft": s.draft.name if s.draft else None, "speculation": mode,
+        "target": engine.target_path.name, "draft": engine.draft_path.name if engine.draft_path else None,
+        "speculation": mode,
         "draft_max": s.draft_max, "n_ctx": engine.context.n_ctx, "cache_type_k": s.cache_type_k,
         "cache_type_v": s.cache_type_v, "max_tokens": max_tokens, "repeat": repeat,
         "prompts": rows, "runs": [r.row() for r in runs],

@@ -7,7 +7,15 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from beechat.config import Config, ModelFileError, Profile, ServerSpec, check_model_file
+from beechat.config import (
+    Config,
+    EmbeddedSettings,
+    ModelFileError,
+    OpenAISettings,
+    Profile,
+    ServerSpec,
+    check_model_file,
+)
 from beechat.format import human_bytes
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -19,21 +27,21 @@ def _check(results: list[dict[str, str]], status: str, what: str, detail: str) -
 
 def check_profile(profile: Profile) -> list[dict[str, str]]:
     results: list[dict[str, str]] = []
-    name = profile.name
-    if profile.backend == "openai":
-        _check(results, OK, f"{name}: backend", f"openai server at {profile.base_url} (checked when loaded)")
-        if profile.server is not None:
-            results.extend(check_server_command(name, profile.server))
+    name, settings = profile.name, profile.settings
+    if isinstance(settings, OpenAISettings):
+        _check(results, OK, f"{name}: backend", f"openai server at {settings.base_url} (checked when loaded)")
+        if settings.server is not None:
+            results.extend(check_server_command(name, settings.server))
         return results
     from beechat.engine.chat import EngineError, resolve_flash_attn
     from beechat.engine.gguf_meta import GGUFError, read_metadata
 
     paths = []
     for role in ("target", "draft"):
-        if role == "draft" and profile.speculation != "draft":
+        if role == "draft" and not settings.drafts_with_model:
             continue
         try:
-            path = profile.target_path() if role == "target" else profile.draft_path()
+            path = settings.target_path() if role == "target" else settings.draft_path()
             assert path is not None
             check_model_file(path, f"{role} model")
             meta = read_metadata(path, tensors=False)
@@ -44,7 +52,7 @@ def check_profile(profile: Profile) -> list[dict[str, str]]:
         mtp = f", MTP layers {meta.nextn_layers}" if meta.nextn_layers else ", no MTP layers"
         _check(results, OK, f"{name}: {role} file",
                f"{path} ({human_bytes(path.stat().st_size)}, arch {meta.arch}, vocab {meta.n_vocab}{mtp})")
-        if role == "target" and profile.speculation == "mtp":
+        if role == "target" and settings.speculation == "mtp":
             from beechat.engine.mtp import mtp_problem
 
             problem = mtp_problem(path)
@@ -53,10 +61,10 @@ def check_profile(profile: Profile) -> list[dict[str, str]]:
     if len(paths) == 2:
         results.append(_vocab_check(name, paths[0][1], paths[1][1]))
     try:
-        flash, note = resolve_flash_attn(profile.flash_attn, profile.cache_type_v)
+        flash, note = resolve_flash_attn(settings.flash_attn, settings.cache_type_v)
         _check(results, OK, f"{name}: cache types",
-               f"K {profile.cache_type_k}, V {profile.cache_type_v}" + (f"; {note}" if note else ""))
-        mixed = profile.cache_type_k != profile.cache_type_v and flash
+               f"K {settings.cache_type_k}, V {settings.cache_type_v}" + (f"; {note}" if note else ""))
+        mixed = settings.cache_type_k != settings.cache_type_v and flash
         from beechat.engine.llama import supports_gpu_offload
 
         if mixed and supports_gpu_offload():
@@ -65,8 +73,8 @@ def check_profile(profile: Profile) -> list[dict[str, str]]:
                    "-DGGML_CUDA_FA_QUANTS=all (else context creation fails or falls back)")
     except EngineError as exc:
         _check(results, FAIL, f"{name}: cache types", str(exc))
-    if paths and len(paths) == (2 if profile.speculation == "draft" else 1):
-        results.append(_memory_check(profile))
+    if paths and len(paths) == (2 if settings.drafts_with_model else 1):
+        results.append(_memory_check(name, settings))
     return results
 
 
@@ -121,21 +129,21 @@ def _vocab_check(name: str, target: Any, draft: Any) -> dict[str, str]:
     return {"status": OK, "check": f"{name}: draft/target vocabulary", "detail": f"match ({t.n_vocab} tokens)"}
 
 
-def _memory_check(profile: Profile) -> dict[str, str]:
+def _memory_check(name: str, settings: EmbeddedSettings) -> dict[str, str]:
     from beechat.engine.planner import available_memory, plan, profile_files
 
-    files = profile_files(profile)
-    free, where = available_memory(profile.n_gpu_layers != 0)
-    snapshots = profile.draft_max if profile.speculation != "none" else 0
-    row = plan(files, free, snapshots, profile.n_batch, ((profile.cache_type_k, profile.cache_type_v),))[0]
-    wanted = profile.n_ctx
+    files = profile_files(settings)
+    free, where = available_memory(settings.n_gpu_layers != 0)
+    row = plan(files, free, settings.rollback_snapshots, settings.n_batch,
+               ((settings.cache_type_k, settings.cache_type_v),))[0]
+    wanted = settings.n_ctx
     detail = (f"{human_bytes(free)} free in {where}; weights {human_bytes(files.weights_bytes())}; "
-              f"max context with {profile.cache_type_k}/{profile.cache_type_v}: {row.max_context}")
+              f"max context with {settings.cache_type_k}/{settings.cache_type_v}: {row.max_context}")
     if wanted == "auto":
-        return {"status": OK if row.max_context else FAIL, "check": f"{profile.name}: memory",
+        return {"status": OK if row.max_context else FAIL, "check": f"{name}: memory",
                 "detail": detail + " (n_ctx = auto)"}
     status = OK if row.max_context >= wanted else WARN
-    return {"status": status, "check": f"{profile.name}: memory",
+    return {"status": status, "check": f"{name}: memory",
             "detail": detail + f"; n_ctx = {wanted}" + ("" if status == OK else " may not fit")}
 
 
@@ -179,18 +187,19 @@ def run_plan(config: Config, only: str | None, as_json: bool = False, memory_gib
     from beechat.engine.planner import available_memory, plan, profile_files, recurrent_states
 
     profile = config.profile(only)
-    if profile.backend != "embedded":
+    settings = profile.settings
+    if not isinstance(settings, EmbeddedSettings):
         raise ModelFileError(f"profile {profile.name!r} uses a server; plan needs local GGUF files")
-    files = profile_files(profile)
+    files = profile_files(settings)
     for path in (files.target, files.draft):
         if path is not None:
             check_model_file(path)
     if memory_gib is not None:
         free, where = int(memory_gib * (1 << 30)), "--memory"
     else:
-        free, where = available_memory(profile.n_gpu_layers != 0)
-    snapshots = profile.draft_max if profile.speculation != "none" else 0
-    rows = plan(files, free, snapshots, profile.n_batch)
+        free, where = available_memory(settings.n_gpu_layers != 0)
+    snapshots = settings.rollback_snapshots
+    rows = plan(files, free, snapshots, settings.n_batch)
     states = recurrent_states(files, snapshots)
     if as_json:
         print(json.dumps({"profile": profile.name, "free_bytes": free, "memory": where,

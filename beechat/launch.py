@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from beechat.config import ModelFileError, Profile
+from beechat.config import EmbeddedSettings, ModelFileError, Profile
 
 
 def open_store(save: bool) -> Any:
@@ -53,20 +53,25 @@ def _mtp_layers(path: Path) -> int | None:
 
 def profile_status(profile: Profile, is_default: bool) -> dict[str, Any]:
     files: dict[str, dict[str, Any]] = {}
-    if profile.backend == "embedded":
-        draft_ref = profile.draft if profile.speculation == "draft" else None
-        for key, ref in (("target", profile.target), ("draft", draft_ref)):
+    settings = profile.settings
+    if isinstance(settings, EmbeddedSettings):
+        draft_ref = settings.draft if settings.speculation == "draft" else None
+        for key, ref in (("target", settings.target), ("draft", draft_ref)):
             if not ref:
                 continue
             try:
-                path = profile.target_path() if key == "target" else profile.draft_path()
+                path = settings.target_path() if key == "target" else settings.draft_path()
                 files[key] = {"path": str(path), "exists": bool(path and path.is_file())}
                 if files[key]["exists"] and path is not None:
                     files[key]["mtp_layers"] = _mtp_layers(path)
             except ModelFileError as exc:
                 files[key] = {"path": ref, "exists": False, "error": str(exc)}
+    else:
+        # A server profile's row has always shown the embedded defaults here (the server's own
+        # context and cache types are known only once it is loaded: ModelInfo).
+        settings = EmbeddedSettings(target="")
     return {
         "name": profile.name, "default": is_default, "backend": profile.backend, "summary": profile.describe(),
-        "speculation": profile.speculation, "n_ctx": profile.n_ctx, "cache_type_k": profile.cache_type_k,
-        "cache_type_v": profile.cache_type_v, "files": files,
+        "speculation": settings.speculation, "n_ctx": settings.n_ctx, "cache_type_k": settings.cache_type_k,
+        "cache_type_v": settings.cache_type_v, "files": files,
     }

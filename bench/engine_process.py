@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model or args.config:
         profile = load_config(args.config).profile(args.model)
     else:
-        profile = dataclasses.replace(demo_config().profile(), n_threads=1)
+        demo = demo_config().profile()
+        profile = dataclasses.replace(demo, settings=dataclasses.replace(demo.embedded, n_threads=1))
     runs: list[Run] = []
     for _ in range(args.repeat):
         for kind in ("in-process", "own process"):

@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--json-out")
     args = ap.parse_args()
-    path = Path(args.model) if args.model else demo_config().profile().target_path()
+    path = Path(args.model) if args.model else demo_config().profile().embedded.target_path()
     model = Model(path, n_gpu_layers=0)
     tokens = model.tokenize(long_text(), add_special=False)[: args.tokens]
     if model.add_bos:

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from beechat.config import Sampling
+from beechat.config import DRAFT_MAX, Sampling
 from beechat.engine import profile
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
 from beechat.engine.llama import Context, Model, supports_gpu_offload
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--draft", action="append", default=[], help="NAME=PATH, or NAME=ngram")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--ks", default="4,8,15", help="fixed draft lengths to time")
-    ap.add_argument("--draft-max", default="16", help="adaptive runs with these draft_max values")
+    ap.add_argument("--draft-max", default=str(DRAFT_MAX), help="adaptive runs with these draft_max values")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--n-gpu-layers", type=int, default=-1)

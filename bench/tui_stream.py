@@ -24,7 +24,7 @@ from pathlib import Path
 from textual import events
 
 from beechat.backends.fake import FakeBackendFactory, fake_tokens
-from beechat.config import Config, Profile
+from beechat.config import Config, EmbeddedSettings, Profile
 from beechat.store import Store
 from beechat.tui.app import BeechatApp, create_app
 from beechat.tui.widgets import PromptInput, ReplyView
@@ -92,9 +92,10 @@ def bench_text(tokens: int) -> str:
 
 
 def bench_config() -> Config:
-    profile = Profile(name="bench", target="Qwen3.6-27B-Q4_K_M.gguf", draft="Qwen3.5-0.8B-Q8_0.gguf",
-                      speculation="draft", n_ctx=32768, cache_type_k="q8_0", cache_type_v="q8_0",
-                      base_dir=Path("/models"), max_tokens=1_000_000)
+    settings = EmbeddedSettings(target="Qwen3.6-27B-Q4_K_M.gguf", draft="Qwen3.5-0.8B-Q8_0.gguf",
+                                speculation="draft", n_ctx=32768, cache_type_k="q8_0", cache_type_v="q8_0",
+                                base_dir=Path("/models"))
+    profile = Profile(name="bench", settings=settings, max_tokens=1_000_000)
     return Config(profiles={"bench": profile}, default="bench", source="<bench>")
 
 

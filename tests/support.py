@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import socket
 from pathlib import Path
+from typing import Any
+
+from beechat.config import EmbeddedSettings, OpenAISettings, Profile
 
 
 def demo_model_path() -> Path:
@@ -21,3 +25,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def flat_profile(name: str, backend: str = "embedded", **keys: Any) -> Profile:
+    """A Profile from keys written flat, as a [models.NAME] table has them: those every backend
+    shares go on the Profile, the rest into the backend's section (for tests that override a few)."""
+    section = EmbeddedSettings if backend == "embedded" else OpenAISettings
+    common = {field.name for field in dataclasses.fields(Profile)}
+    settings = section(**{k: v for k, v in keys.items() if k not in common})
+    return Profile(name=name, settings=settings, **{k: v for k, v in keys.items() if k in common})

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from beechat.config import (
+    DRAFT_MAX,
     ConfigError,
+    EmbeddedSettings,
     ModelFileError,
+    OpenAISettings,
     Profile,
     check_model_file,
     demo_config,
@@ -73,29 +76,51 @@ def write(tmp_path: Path, text: str, name: str = "models.toml") -> Path:
 def test_good_file_loads_into_typed_profiles(tmp_path: Path) -> None:
     config = load_config_file(write(tmp_path, GOOD))
     assert config.default == "big" and config.theme == "nord" and config.keys == {"switch_model": "ctrl+o"}
-    big = config.profile()
-    assert isinstance(big, Profile)
+    profile = config.profile()
+    assert isinstance(profile, Profile)
+    big = profile.embedded
     assert (big.speculation, big.draft_max, big.n_ctx, big.n_gpu_layers) == ("draft", 12, 32768, 40)
     assert (big.cache_type_k, big.cache_type_v, big.flash_attn) == ("q8_0", "q4_0", True)
     assert big.overflow == "truncate-middle"
-    assert big.sampling.temperature == 0.7 and big.sampling.top_k == 40 and big.sampling.seed == 7
+    assert profile.sampling.temperature == 0.7 and profile.sampling.top_k == 40 and profile.sampling.seed == 7
     # paths: relative to the config file; ~ expanded
     assert big.target_path() == tmp_path.resolve() / "models/target.gguf"
     assert big.draft_path() == Path.home() / "models/draft.gguf"
-    assert config.profile("auto").n_ctx == "auto"
-    remote = config.profile("remote")
+    assert config.profile("auto").embedded.n_ctx == "auto"
+    remote = config.profile("remote").openai
     assert remote.base_url == "http://127.0.0.1:8080/v1" and remote.api_key_env == "MY_KEY"
     assert remote.server is not None and remote.server.command[0] == "llama-server" and remote.server.port == 8080
 
 
 def test_defaults_when_keys_are_absent(tmp_path: Path) -> None:
     config = load_config_file(write(tmp_path, '[models.a]\ntarget = "a.gguf"\n'))
-    profile = config.profile()
+    profile = config.profile().embedded
     assert config.default == "a"
     assert profile.speculation == "none" and profile.cache_type_k == "f16" and profile.flash_attn == "auto"
     draft_implied = load_config_file(write(tmp_path, '[models.a]\ntarget = "a.gguf"\ndraft = "d.gguf"\n'))
-    assert draft_implied.profile().speculation == "draft"
+    assert draft_implied.profile().embedded.speculation == "draft"
 
+
+
+def test_a_profile_is_its_common_keys_and_one_backend_section(tmp_path: Path) -> None:
+    config = load_config_file(write(tmp_path, GOOD))
+    local, remote = config.profile("big"), config.profile("remote")
+    assert local.backend == "embedded" and isinstance(local.settings, EmbeddedSettings)
+    assert remote.backend == "openai" and isinstance(remote.settings, OpenAISettings)
+    with pytest.raises(TypeError):
+        local.openai  # noqa: B018
+    with pytest.raises(TypeError):
+        remote.embedded  # noqa: B018
+
+
+def test_rollback_snapshots_and_draft_models_follow_one_rule() -> None:
+    plain = EmbeddedSettings(target="t.gguf")
+    assert plain.draft_max == DRAFT_MAX and plain.rollback_snapshots == 0 and not plain.drafts_with_model
+    ngram = EmbeddedSettings(target="t.gguf", speculation="ngram", draft_max=12)
+    assert ngram.rollback_snapshots == 12 and not ngram.drafts_with_model
+    drafted = EmbeddedSettings(target="t.gguf", draft="d.gguf", speculation="draft")
+    assert drafted.rollback_snapshots == DRAFT_MAX and drafted.drafts_with_model
+    assert not EmbeddedSettings(target="t.gguf", draft="d.gguf", speculation="mtp").drafts_with_model
 
 @pytest.mark.parametrize(
     ("text", "key", "line", "expected"),
@@ -196,7 +221,7 @@ def test_explicit_config_that_does_not_exist_is_an_error(tmp_path: Path, monkeyp
 
 
 def test_demo_profile_finds_the_packaged_model() -> None:
-    path = demo_config().profile().target_path()
+    path = demo_config().profile().embedded.target_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
     check_model_file(path)
 
@@ -223,7 +248,7 @@ def test_shipped_example_models_toml_is_valid() -> None:
     config = load_config_file(REPO / "models.toml")
     assert config.default == "demo"
     assert {"demo", "demo-self-draft", "demo-ngram", "qwen36-27b"} <= set(config.profiles)
-    assert config.profile("qwen36-27b").speculation == "draft"
+    assert config.profile("qwen36-27b").embedded.speculation == "draft"
 
 
 def test_cli_reports_a_broken_config_in_one_line(tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from beechat.config import Sampling
-from beechat.engine.chat import ChatEngine, EngineError, EngineSettings
+from beechat.config import EmbeddedSettings, Sampling
+from beechat.engine.chat import ChatEngine, EngineError
 from beechat.engine.drafters import DraftModelDrafter, NgramDrafter
 from beechat.engine.llama import Context, Model
 from beechat.engine.sampling import distribution
@@ -27,8 +27,9 @@ THREADS = 1  # tiny models: one thread is fastest and steadiest on a busy 2-core
 
 def engine(target: Path, *, draft: Path | None = None, speculation: str = "none", n_ctx: int = 2048,
            draft_max: int = 8, **kwargs: object) -> ChatEngine:
-    settings = EngineSettings(target=target, draft=draft, speculation=speculation,  # type: ignore[arg-type]
-                              n_ctx=n_ctx, draft_max=draft_max, n_threads=THREADS, **kwargs)  # type: ignore[arg-type]
+    settings = EmbeddedSettings(target=str(target), draft=str(draft) if draft else None,
+                                speculation=speculation, n_ctx=n_ctx, draft_max=draft_max,  # type: ignore[arg-type]
+                                n_threads=THREADS, **kwargs)  # type: ignore[arg-type]
     return ChatEngine(settings)
 
 
@@ -121,6 +122,7 @@ def test_self_draft_matches_plain_greedy_over_several_turns(demo_model: Path, pl
     # draft_min: on a busy CPU the adaptive controller may rightly stop drafting, and acceptance
     # over a few probes says little; this test is about exactness and the draft's agreement
     spec_engine = engine(demo_model, draft=demo_model, speculation="draft", draft_min=4)
+    assert spec_engine.generator.controller.draft_min == 4  # passed in like draft_max
     try:
         spec = chat(spec_engine, TURNS)
     finally:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from beechat.config import Sampling
-from beechat.engine.chat import ChatEngine, EngineSettings
+from beechat.config import EmbeddedSettings, Sampling
+from beechat.engine.chat import ChatEngine
 from beechat.engine.chat_template import ChatTemplate
 from beechat.engine.llama import Context, Model
 from beechat.events import ChatMessage, DecodeClock, Done, collect
@@ -55,7 +55,7 @@ def test_a_checkpoint_from_other_tokens_is_never_restored(tiny_models: dict[str,
 
 @pytest.mark.parametrize("policy", ["drop-oldest", "truncate-middle"])
 def test_cuts_keep_roles_alternating(demo_model: Path, policy: str) -> None:
-    engine = ChatEngine(EngineSettings(target=demo_model, n_ctx=512, overflow=policy, n_threads=1))  # type: ignore[arg-type]
+    engine = ChatEngine(EmbeddedSettings(target=str(demo_model), n_ctx=512, overflow=policy, n_threads=1))  # type: ignore[arg-type]
     engine.template = ChatTemplate(STRICT)
     try:
         messages: list[ChatMessage] = [{"role": "system", "content": "Be brief."}]
@@ -69,8 +69,8 @@ def test_cuts_keep_roles_alternating(demo_model: Path, policy: str) -> None:
 
 
 def test_drafts_never_exceed_one_verify_batch(demo_model: Path) -> None:
-    engine = ChatEngine(EngineSettings(target=demo_model, speculation="ngram", draft_max=16, n_batch=8,
-                                       n_ctx=1024, n_threads=1))
+    engine = ChatEngine(EmbeddedSettings(target=str(demo_model), speculation="ngram", draft_max=16, n_batch=8,
+                                         n_ctx=1024, n_threads=1))
     try:
         text = "a b c d e f g h i j k l m n o p " * 6
         done = collect(engine.generate([{"role": "user", "content": f"Repeat: {text}"}], GREEDY,

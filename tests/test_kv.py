@@ -433,15 +433,16 @@ def test_hybrid_qwen35_capacity_matches_llama_log(tiny_qwen35: tuple[GGUFMetadat
 def test_engine_and_plan_count_the_recurrent_state_llama_cpp_allocates(tiny_qwen35: tuple[GGUFMetadata, Model]) -> None:
     """A hybrid target with 4 rollback snapshots and a hybrid draft on two sequences: the engine's
     KV telemetry and `beechat plan`'s recurrent-state rows equal what llama.cpp logs it allocated."""
-    from beechat.engine.chat import ChatEngine, EngineSettings
+    from beechat.config import EmbeddedSettings
+    from beechat.engine.chat import ChatEngine
     from beechat.engine.planner import ModelFiles, recurrent_states
 
     meta, _ = tiny_qwen35
     path = meta.path
     assert path is not None
     mark = llama_log().mark()
-    engine = ChatEngine(EngineSettings(target=path, draft=path, speculation="draft", draft_max=4, n_ctx=1024,
-                                       n_threads=1, n_batch=64))
+    engine = ChatEngine(EmbeddedSettings(target=str(path), draft=str(path), speculation="draft", draft_max=4,
+                                         n_ctx=1024, n_threads=1, n_batch=64))
     try:
         lines = llama_log().since(mark)
         logged = [float(m.group(1)) for m in (re.search(r"llama_memory_recurrent: size =\s*([\d.]+) MiB", line)

@@ -39,7 +39,7 @@ from beechat.backends.server_kv import kv_from_gguf, llama_server_args
 from beechat.config import Profile, Sampling, ServerSpec
 from beechat.events import Chunk, Done, Event
 from beechat.session import ChatSession
-from tests.support import demo_model_path, free_port
+from tests.support import demo_model_path, flat_profile, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +128,7 @@ def profile(base_url: str, **overrides: object) -> Profile:
     fields: dict[str, object] = {"name": "xl", "backend": "openai", "base_url": base_url, "max_tokens": 16,
                                  "connect_timeout": 2.0, "timeout": 60.0}
     fields.update(overrides)
-    return Profile(**fields)  # type: ignore[arg-type]
+    return flat_profile(**fields)  # type: ignore[arg-type]
 
 
 def run(backend: OpenAIBackend, prompt: str, max_tokens: int = 16, cancel: threading.Event | None = None,

@@ -34,7 +34,7 @@ from beechat.backends.metrics import (
 )
 from beechat.backends.openai import OpenAIBackend
 from beechat.backends.server_kv import LlamaServerArgs, kv_from_gguf, llama_server_args
-from beechat.config import Profile, Sampling
+from beechat.config import OpenAISettings, Profile, Sampling
 from beechat.events import Chunk, Done, StatsUpdate
 
 DATA = Path(__file__).parent / "data"
@@ -281,7 +281,7 @@ class RecordedServer:
 
 
 def run_recorded(server: RecordedServer) -> tuple[list[object], Done]:
-    profile = Profile(name="rec", backend="openai", base_url="http://llama.test/v1")
+    profile = Profile(name="rec", settings=OpenAISettings(base_url="http://llama.test/v1"))
     backend = OpenAIBackend(profile, transport=httpx.MockTransport(server))
     backend.load()
     events = list(backend.stream([{"role": "user", "content": "What is the capital of France?"}],

@@ -362,7 +362,7 @@ def test_models_doctor_and_plan_report_mtp_layers(mtp_models: dict[str, Path], t
     failed = {c["check"]: c for c in check_profile(bad)}["none: MTP drafting"]
     assert failed["status"] == "FAIL" and str(mtp_models["no_mtp"]) in failed["detail"]
     # the planner counts the MTP head's KV cache: one more attention layer per token
-    files = profile_files(good)
+    files = profile_files(good.embedded)
     assert files.mtp
     with_head = plan(files, 1 << 34)[0]
     without = plan(ModelFiles(files.target, None), 1 << 34)[0]

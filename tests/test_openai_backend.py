@@ -30,7 +30,7 @@ from beechat.config import Profile, Sampling
 from beechat.events import Chunk, Done, Event, StatsUpdate
 from beechat.reasoning import ReplyText
 from beechat.session import ChatSession
-from tests.support import demo_model_path, free_port
+from tests.support import demo_model_path, flat_profile, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def openai_profile(base_url: str, **overrides: object) -> Profile:
     fields: dict[str, object] = {"name": "test-openai", "backend": "openai", "base_url": base_url,
                                  "max_tokens": 32, "connect_timeout": 2.0, "timeout": 60.0}
     fields.update(overrides)
-    return Profile(**fields)  # type: ignore[arg-type]
+    return flat_profile(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

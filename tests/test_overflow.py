@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from beechat.config import Sampling
-from beechat.engine.chat import ChatEngine, EngineSettings
+from beechat.config import EmbeddedSettings, Sampling
+from beechat.engine.chat import ChatEngine
 from beechat.events import ChatMessage, Done, Notice
 
 GREEDY = Sampling(temperature=0.0, repeat_penalty=1.0)
@@ -40,8 +40,8 @@ def run_conversation(engine: ChatEngine, turns: int) -> tuple[list[Done], list[s
 
 @pytest.fixture(scope="module")
 def engines(demo_model: Path) -> dict[str, ChatEngine]:
-    made = {policy: ChatEngine(EngineSettings(target=demo_model, n_ctx=N_CTX, overflow=policy,  # type: ignore[arg-type]
-                                              n_threads=1))
+    made = {policy: ChatEngine(EmbeddedSettings(target=str(demo_model), n_ctx=N_CTX, overflow=policy,  # type: ignore[arg-type]
+                                                n_threads=1))
             for policy in ("drop-oldest", "truncate-middle", "stop")}
     yield made  # type: ignore[misc]
     for e in made.values():

@@ -22,14 +22,15 @@ import pytest
 
 from beechat.backends.base import BackendError
 from beechat.backends.embedded import EmbeddedBackend
-from beechat.config import ConfigError, Profile, Sampling, parse_config
-from beechat.engine.chat import ChatEngine, EngineError, EngineSettings
+from beechat.config import ConfigError, EmbeddedSettings, Profile, Sampling, parse_config
+from beechat.engine.chat import ChatEngine, EngineError
 from beechat.events import ChatMessage, Done, Event, Notice
 from beechat.plain import CUT_MARK
 from beechat.session import ChatSession
 from beechat.store import Store, default_store
 from beechat.store.export import export_conversation
 from tests.gguf_factory import write_llama
+from tests.support import flat_profile
 from tests.test_cli import beechat
 
 pytestmark = pytest.mark.slow
@@ -54,8 +55,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def profile(model: Path, overflow: str = "drop-oldest", n_ctx: int = 256, **extra: Any) -> Profile:
     fields: dict[str, Any] = {"system_prompt": SYSTEM, "n_threads": 1, "sampling": GREEDY}
     fields.update(extra)
-    return Profile(name=f"tiny-{overflow}-{n_ctx}", target=str(model), n_ctx=n_ctx, overflow=overflow,  # type: ignore[arg-type]
-                   **fields)
+    return flat_profile(f"tiny-{overflow}-{n_ctx}", target=str(model), n_ctx=n_ctx, overflow=overflow, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -322,8 +322,8 @@ def test_reply_reserve_is_freed_before_each_turn(tiny: Path, store: Store) -> No
 def test_reply_reserve_in_models_toml(tmp_path: Path) -> None:
     base = '[models.a]\ntarget = "a.gguf"\nn_ctx = 512\n'
     config = parse_config(base + "reply_reserve = 256\n", tmp_path / "models.toml")
-    assert config.profile("a").reply_reserve == 256
-    assert parse_config(base, tmp_path / "models.toml").profile("a").reply_reserve is None
+    assert config.profile("a").embedded.reply_reserve == 256
+    assert parse_config(base, tmp_path / "models.toml").profile("a").embedded.reply_reserve is None
     with pytest.raises(ConfigError, match=r"models.toml:4: models.a.reply_reserve: expected an integer >= 1, got 0"):
         parse_config(base + "reply_reserve = 0\n", tmp_path / "models.toml")
     with pytest.raises(ConfigError, match=r"reply_reserve: expected at most n_ctx - 16 \(496\) .* got 500"):
@@ -333,7 +333,7 @@ def test_reply_reserve_in_models_toml(tmp_path: Path) -> None:
 def test_a_reserve_larger_than_an_auto_context_is_a_load_error(tiny: Path) -> None:
     # (the parser catches this for a fixed n_ctx; with n_ctx = "auto" only the load can)
     with pytest.raises(EngineError, match=r"^reply_reserve = 250 leaves no room for a message in n_ctx = 256; "):
-        ChatEngine(EngineSettings(target=tiny, n_ctx=256, n_threads=1, reply_reserve=250))
+        ChatEngine(EmbeddedSettings(target=str(tiny), n_ctx=256, n_threads=1, reply_reserve=250))
 
 
 # ----------------------------------------------------------------------------------------------

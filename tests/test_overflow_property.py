@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from beechat.backends.embedded import EmbeddedBackend
-from beechat.config import Profile, Sampling
+from beechat.config import EmbeddedSettings, Profile, Sampling
 from beechat.engine.chat import ChatEngine
 from beechat.events import ChatMessage, Done, Event, Notice
 from beechat.session import ChatSession
@@ -95,8 +95,8 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[int,
     made: dict[tuple[int, str], Loaded] = {}
     try:
         for n_ctx, policy in itertools.product(N_CTXS, POLICIES):
-            profile = Profile(name=f"tiny-{n_ctx}-{policy}", target=str(model), n_ctx=n_ctx,
-                              n_threads=1, overflow=policy, system_prompt=SYSTEM, sampling=GREEDY)  # type: ignore[arg-type]
+            settings = EmbeddedSettings(target=str(model), n_ctx=n_ctx, n_threads=1, overflow=policy)  # type: ignore[arg-type]
+            profile = Profile(name=f"tiny-{n_ctx}-{policy}", settings=settings, system_prompt=SYSTEM, sampling=GREEDY)
             backend = EmbeddedBackend(profile)
             backend.load()
             spy = Spy()
@@ -211,7 +211,7 @@ def test_generated_conversations_never_dead_end(loaded: dict[tuple[int, str], Lo
                 continue
             if done.error is not None:  # only "stop" may refuse, in one line that names the fix
                 Totals.errors += 1
-                assert current.profile.overflow == "stop", done.error
+                assert current.profile.embedded.overflow == "stop", done.error
                 assert done.finish_reason == "context" and "\n" not in done.error, done.error
                 assert any(fix in done.error for fix in FIXES), done.error
                 previous = None

@@ -31,7 +31,7 @@ from beechat.backends.server_kv import llama_server_args
 from beechat.config import Profile, Sampling, ServerSpec, load_config_file
 from beechat.doctor import FAIL, OK, WARN, check_server_command
 from beechat.events import Done
-from tests.support import demo_model_path, free_port
+from tests.support import demo_model_path, flat_profile, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def managed_profile(command: list[str], port: int | None, **overrides: object) -
     fields: dict[str, object] = {"name": "managed", "backend": "openai", "base_url": f"http://127.0.0.1:{port}/v1",
                                  "max_tokens": 16, "connect_timeout": 2.0, "timeout": 60.0, "server": spec}
     fields.update(overrides)
-    return Profile(**fields)  # type: ignore[arg-type]
+    return flat_profile(**fields)  # type: ignore[arg-type]
 
 
 def test_llama_cpp_server_is_started_and_stopped() -> None:
@@ -270,8 +270,8 @@ def test_the_beellama_example_profile_uses_flags_beellama_documents() -> None:
     # tests/data/beellama_server_help_excerpt.txt is hand-written from BeeLlama v0.4.4's docs (no
     # binary runs here); every flag of models.toml's bee-dflash command must be in it
     profile = load_config_file(Path(__file__).parent.parent / "models.toml").profile("bee-dflash")
-    assert profile.server is not None
-    command = list(profile.server.command)
+    assert profile.openai.server is not None
+    command = list(profile.openai.server.command)
     known = help_flags((DATA / "beellama_server_help_excerpt.txt").read_text())
     assert help_prefix(command) == ["llama-server"]
     assert [flag for flag in command_flags(command[1:]) if flag not in known] == []

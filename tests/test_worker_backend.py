@@ -22,6 +22,7 @@ from beechat.backends.worker_child import Outbox
 from beechat.config import Profile, Sampling
 from beechat.engine import llama
 from beechat.events import ChatMessage, Chunk, Done, Event, Notice, Stats, StatsUpdate
+from tests.support import flat_profile
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def demo_profile(demo_model: Path, **overrides: object) -> Profile:
     fields: dict[str, object] = {"name": "demo", "target": str(demo_model), "n_ctx": 2048, "n_threads": 1,
                                  "sampling": GREEDY, "source": "<test>"}
     fields.update(overrides)
-    return Profile(**fields)  # type: ignore[arg-type]
+    return flat_profile(**fields)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -215,8 +216,9 @@ def test_the_app_never_imports_llama_cpp_and_the_engine_exits_when_the_app_dies(
         "import sys\n"
         "from pathlib import Path\n"
         "from beechat.backends.worker import WorkerBackend\n"
-        "from beechat.config import Profile\n"
-        f"b = WorkerBackend(Profile(name='demo', target={str(demo_model)!r}, n_ctx=512, n_threads=1))\n"
+        "from beechat.config import EmbeddedSettings, Profile\n"
+        f"b = WorkerBackend(Profile(name='demo', settings=EmbeddedSettings(target={str(demo_model)!r}, n_ctx=512, "
+        "n_threads=1)))\n"
         "b.load()\n"
         "import threading\n"
         "list(b.stream([{'role': 'user', 'content': 'Hi'}], b.profile.sampling, threading.Event(), 4))\n"

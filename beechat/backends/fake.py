@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from beechat.backends.base import BackendError, ModelInfo, ProgressCallback
-from beechat.config import Profile, Sampling
+from beechat.config import EmbeddedSettings, Profile, Sampling
 from beechat.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
 from beechat.reasoning import split_chunks
 
@@ -76,6 +76,9 @@ class FakeBackend:
             seed: seed of the draft-acceptance random sequence.
         """
         self.profile = profile
+        # what it pretends to run: the embedded section, or a stand-in named after a server's model
+        self.settings = (profile.settings if isinstance(profile.settings, EmbeddedSettings)
+                         else EmbeddedSettings(target=profile.settings.api_model or ""))
         self.replies: deque[str] = replies if isinstance(replies, deque) else deque(replies)
         self.tokens_per_second = tokens_per_second
         self.draft_acceptance = draft_acceptance
@@ -138,29 +141,29 @@ class FakeBackend:
     # -- helpers -------------------------------------------------------------------------------
     @property
     def target_name(self) -> str:
-        return Path(self.profile.target or self.profile.api_model or "fake-target.gguf").name
+        return Path(self.settings.target or "fake-target.gguf").name
 
     @property
     def speculates(self) -> bool:
-        return self.profile.speculation != "none"
+        return self.settings.speculation != "none"
 
     @property
     def n_ctx(self) -> int:
-        return self.profile.n_ctx if isinstance(self.profile.n_ctx, int) else 32768
+        return self.settings.n_ctx if isinstance(self.settings.n_ctx, int) else 32768
 
     @property
     def kv_bytes_per_cell(self) -> int:
-        k = KV_BYTES_PER_CELL.get(self.profile.cache_type_k, 65536)
-        v = KV_BYTES_PER_CELL.get(self.profile.cache_type_v, 65536)
+        k = KV_BYTES_PER_CELL.get(self.settings.cache_type_k, 65536)
+        v = KV_BYTES_PER_CELL.get(self.settings.cache_type_v, 65536)
         return (k + v) // 2
 
     def info(self) -> ModelInfo:
-        speculates_with_draft = bool(self.profile.draft) and self.profile.speculation == "draft"
-        draft = Path(self.profile.draft or "").name if speculates_with_draft else None
+        speculates_with_draft = self.settings.drafts_with_model
+        draft = Path(self.settings.draft or "").name if speculates_with_draft else None
         return ModelInfo(
             profile=self.profile.name, backend="fake", target=self.target_name, draft=draft,
-            speculation=self.profile.speculation, n_ctx=self.n_ctx, cache_type_k=self.profile.cache_type_k,
-            cache_type_v=self.profile.cache_type_v, flash_attn=True,
+            speculation=self.settings.speculation, n_ctx=self.n_ctx, cache_type_k=self.settings.cache_type_k,
+            cache_type_v=self.settings.cache_type_v, flash_attn=True,
             kv_bytes_capacity=self.n_ctx * self.kv_bytes_per_cell,
         )
 
@@ -185,12 +188,12 @@ class _Playback:
                             for message in messages)
         self.stats = Stats(
             prompt_tokens=prompt_tokens, prefill_tokens=prompt_tokens, ctx_size=backend.n_ctx,
-            cache_type_k=backend.profile.cache_type_k, cache_type_v=backend.profile.cache_type_v,
+            cache_type_k=backend.settings.cache_type_k, cache_type_v=backend.settings.cache_type_v,
             kv_bytes_capacity=backend.n_ctx * backend.kv_bytes_per_cell,
         )
         if backend.speculates:
             self.stats.drafted, self.stats.accepted, self.stats.passes = 0, 0, 0
-            self.stats.draft_len = min(4, backend.profile.draft_max)
+            self.stats.draft_len = min(4, backend.settings.draft_max)
         if backend.fixed_stats:
             self.stats.gpu_mem_used, self.stats.gpu_mem_total = FIXED_GPU_MEM_USED, FIXED_GPU_MEM_TOTAL
         self.clock = DecodeClock()
@@ -251,7 +254,7 @@ class _Playback:
         stats.drafted += drafted
         stats.accepted += accepted
         if not self.backend.fixed_stats:  # adapt the draft length like the engine's controller
-            limit = self.backend.profile.draft_max
+            limit = self.backend.settings.draft_max
             grown, shrunk = min(limit, stats.draft_len + 1), max(1, stats.draft_len - 1)
             stats.draft_len = grown if accepted == drafted else shrunk
 

@@ -12,47 +12,33 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import llama_cpp  # noqa: F401  # load ggml's libraries before numpy's OpenBLAS (docs/troubleshooting.md)
 import numpy as np
 
-from beechat.config import CACHE_TYPES, MIN_MESSAGE_ROOM, Sampling
+from beechat.config import (
+    CACHE_TYPES,
+    MAX_TOKENS,
+    MIN_MESSAGE_ROOM,
+    EmbeddedSettings,
+    ModelFileError,
+    Sampling,
+    check_model_file,
+)
 from beechat.engine.chat_template import ChatTemplate, TemplateError, alternating
 from beechat.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, vocab_mismatch
 from beechat.engine.gguf_meta import read_metadata
 from beechat.engine.kv import KVLayout
 from beechat.engine.llama import Context, LlamaError, Model
 from beechat.engine.mtp import MTPContext, MTPDrafter, mtp_problem
+from beechat.engine.planner import auto_n_ctx
 from beechat.engine.speculative import Generator
 from beechat.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
-
-Overflow = Literal["stop", "drop-oldest", "truncate-middle"]
 
 
 class EngineError(Exception):
     """A one-line, user-facing engine failure."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    target: Path
-    draft: Path | None = None
-    speculation: Literal["draft", "ngram", "mtp", "none"] = "none"
-    draft_max: int = 16
-    draft_min: int = 0
-    n_ctx: int = 4096
-    n_gpu_layers: int = -1
-    n_threads: int | None = None
-    n_batch: int = 512
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    flash_attn: bool | Literal["auto"] = "auto"
-    overflow: Overflow = "drop-oldest"
-    reply_reserve: int | None = None  # tokens kept free for the reply; None: n_ctx / 4, capped at max_tokens
-    system_prompt: str | None = None  # checked at load: it must leave room for a message and the reply
-    adaptive: bool = True
 
 
 @dataclass(slots=True)
@@ -89,7 +75,14 @@ def cache_type_id(name: str, key: str) -> int:
 
 
 class ChatEngine:
-    def __init__(self, settings: EngineSettings,
+    """Loads what an embedded profile's section names and chats with it.
+
+    `settings` is the profile's `EmbeddedSettings` as loaded from models.toml: the engine resolves
+    its model references and `n_ctx = "auto"` itself. `system_prompt` is checked at load: it must
+    leave room for a message and the reply.
+    """
+
+    def __init__(self, settings: EmbeddedSettings, *, system_prompt: str | None = None,
                  progress: Callable[[float, str], None] | None = None,
                  cancel: threading.Event | None = None) -> None:
         self.settings = settings
@@ -99,6 +92,15 @@ class ChatEngine:
         self.draft_model: Model | None = None
         self.drafter: Drafter | None = None
         self.draft_context: Context | None = None
+        try:
+            self.target_path = target = settings.target_path()
+            check_model_file(target, "target model")
+            self.draft_path = draft = settings.draft_path() if settings.drafts_with_model else None
+            if draft is not None:
+                check_model_file(draft, "draft model")
+        except ModelFileError as exc:
+            raise EngineError(str(exc)) from exc
+        n_ctx = settings.n_ctx if isinstance(settings.n_ctx, int) else auto_n_ctx(settings)
         type_k = cache_type_id(settings.cache_type_k, "cache_type_k")
         type_v = cache_type_id(settings.cache_type_v, "cache_type_v")
         flash, note = resolve_flash_attn(settings.flash_attn, settings.cache_type_v)
@@ -106,39 +108,34 @@ class ChatEngine:
             self.notes.append(note)
         self.flash_attn = flash
         report = progress or (lambda fraction, what: None)
-        has_draft_model = settings.speculation == "draft" and settings.draft is not None
-        share = 0.85 if has_draft_model else 1.0
+        share = 0.85 if draft is not None else 1.0
         if settings.speculation == "mtp":
-            problem = mtp_problem(settings.target)
+            problem = mtp_problem(target)
             if problem:
                 raise EngineError(problem)
         try:
-            report(0.0, f"loading {settings.target.name}")
-            self.model = Model(settings.target, n_gpu_layers=settings.n_gpu_layers,
-                               progress=lambda f: report(f * share, f"loading {settings.target.name}"),
+            report(0.0, f"loading {target.name}")
+            self.model = Model(target, n_gpu_layers=settings.n_gpu_layers,
+                               progress=lambda f: report(f * share, f"loading {target.name}"),
                                cancel=cancel, load_mtp=settings.speculation == "mtp")
         except LlamaError as exc:
             raise EngineError(str(exc)) from exc
         try:
             recurrent = self.model.is_recurrent or self.model.is_hybrid
-            speculating = settings.speculation != "none"
-            # Snapshots of the recurrent state let a hybrid target cut back rejected drafts.
-            n_rs_seq = settings.draft_max if (recurrent and speculating) else 0
-            self.context = Context(self.model, n_ctx=settings.n_ctx, n_batch=settings.n_batch, type_k=type_k,
+            self.context = Context(self.model, n_ctx=n_ctx, n_batch=settings.n_batch, type_k=type_k,
                                    type_v=type_v, flash_attn=flash,
-                                   n_rs_seq=n_rs_seq, n_threads=settings.n_threads)
+                                   n_rs_seq=settings.rollback_snapshots if recurrent else 0,
+                                   n_threads=settings.n_threads)
             drafter: Drafter | None = None
-            if has_draft_model:
-                assert settings.draft is not None
-                report(share, f"loading draft {settings.draft.name}")
-                self.draft_model = Model(settings.draft, n_gpu_layers=settings.n_gpu_layers,
+            if draft is not None:
+                report(share, f"loading draft {draft.name}")
+                self.draft_model = Model(draft, n_gpu_layers=settings.n_gpu_layers,
                                          progress=lambda f: report(share + f * (1 - share),
-                                                                   f"loading draft {settings.draft.name}"
-                                                                   if settings.draft else ""),
+                                                                   f"loading draft {draft.name}"),
                                          cancel=cancel)
                 problem = vocab_mismatch(self.model, self.draft_model)
                 if problem:
-                    raise EngineError(f"draft {settings.draft.name} cannot draft for {settings.target.name}: "
+                    raise EngineError(f"draft {draft.name} cannot draft for {target.name}: "
                                       f"vocabularies differ: {problem}")
                 self.draft_context = DraftModelDrafter.context_for(
                     self.draft_model, n_ctx=self.context.n_ctx, n_batch=settings.n_batch, type_k=type_k,
@@ -150,8 +147,7 @@ class ChatEngine:
                 drafter = self.drafter = MTPDrafter(self.context, type_k=type_k, type_v=type_v, flash_attn=flash,
                                                     n_threads=settings.n_threads)
             self.generator = Generator(self.model, self.context, drafter, draft_max=settings.draft_max,
-                                       adaptive=settings.adaptive)
-            self.generator.controller.draft_min = settings.draft_min if drafter else 0
+                                       draft_min=settings.draft_min)
             self.drafter = drafter
             self.template = ChatTemplate(
                 self.model.chat_template(),
@@ -160,7 +156,7 @@ class ChatEngine:
             )
             if self.template.is_fallback:
                 self.notes.append("the model has no chat template; using ChatML")
-            self.check_system_prompt(settings.system_prompt)
+            self.check_system_prompt(system_prompt)
         except (LlamaError, TemplateError, EngineError) as exc:
             self._close()
             raise EngineError(str(exc)) from exc
@@ -324,7 +320,7 @@ class ChatEngine:
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, messages: Sequence[ChatMessage], sampling: Sampling, cancel: threading.Event,
-                 max_tokens: int = 1024, fixed_k: int | None = None) -> Iterator[Event]:
+                 max_tokens: int = MAX_TOKENS, fixed_k: int | None = None) -> Iterator[Event]:
         with self._lock:
             yield from self._generate(messages, sampling, cancel, max_tokens, fixed_k)
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from beechat.config import Profile
+from beechat.config import EmbeddedSettings
 from beechat.engine.gguf_meta import GGUFMetadata, read_metadata
 from beechat.engine.kv import CTX_PAD, PLAN_PAIRS, KVLayout
 
@@ -133,16 +133,15 @@ def plan(files: ModelFiles, free_bytes: int, n_rs_seq: int = 0, n_batch: int = 5
     return rows
 
 
-def profile_files(profile: Profile) -> ModelFiles:
-    draft = profile.draft_path() if profile.speculation == "draft" else None
-    return ModelFiles(profile.target_path(), draft, mtp=profile.speculation == "mtp")
+def profile_files(settings: EmbeddedSettings) -> ModelFiles:
+    return ModelFiles(settings.target_path(), settings.draft_path() if settings.drafts_with_model else None,
+                      mtp=settings.speculation == "mtp")
 
 
-def auto_n_ctx(profile: Profile) -> int:
+def auto_n_ctx(settings: EmbeddedSettings) -> int:
     """The largest context that fits for the profile's own cache types (at least 512)."""
-    files = profile_files(profile)
-    free, _ = available_memory(profile.n_gpu_layers != 0)
-    recurrent_snapshots = profile.draft_max if profile.speculation != "none" else 0
-    rows = plan(files, free, n_rs_seq=recurrent_snapshots, n_batch=profile.n_batch,
-                pairs=((profile.cache_type_k, profile.cache_type_v),))
+    files = profile_files(settings)
+    free, _ = available_memory(settings.n_gpu_layers != 0)
+    rows = plan(files, free, n_rs_seq=settings.rollback_snapshots, n_batch=settings.n_batch,
+                pairs=((settings.cache_type_k, settings.cache_type_v),))
     return max(512, rows[0].max_context)

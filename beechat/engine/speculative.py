@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import llama_cpp  # noqa: F401  # load ggml's libraries before numpy's OpenBLAS (docs/troubleshooting.md)
 import numpy as np
 
-from beechat.config import Sampling
+from beechat.config import DRAFT_MAX, Sampling
 from beechat.engine import profile
 from beechat.engine.drafters import Drafter, Proposal, common_prefix
 from beechat.engine.llama import Context, LlamaError, Model, SavedState
@@ -217,14 +217,15 @@ class Generator:
     """Generates from a target context with an optional drafter."""
 
     def __init__(self, target: Model, context: Context, drafter: Drafter | None = None,
-                 draft_max: int = 16, adaptive: bool = True, device_sampling: bool | None = None,
-                 lookahead: bool | None = None) -> None:
+                 draft_max: int = DRAFT_MAX, draft_min: int = 0, adaptive: bool = True,
+                 device_sampling: bool | None = None, lookahead: bool | None = None) -> None:
         self.target = target
         self.context = context
         self.drafter = drafter
         if drafter is not None and drafter.observe not in context.observers:
             context.observers.append(drafter.observe)  # drafters see every target decode (MTP needs that)
-        self.controller = DraftController(draft_max=draft_max if drafter else 0)
+        self.controller = DraftController(draft_max=draft_max if drafter else 0,
+                                          draft_min=draft_min if drafter else 0)
         self.adaptive = adaptive
         # By default (None) both only where the target runs on a GPU:
         # - greedy replies without penalties take each row's argmax on the device

@@ -15,6 +15,7 @@ from beechat.config import Config, Profile
 from beechat.store import Store
 from beechat.tui.app import BeechatApp, create_app
 from beechat.tui.widgets import PromptInput, ReplyView
+from tests.support import flat_profile
 
 SIZE = (110, 36)
 SPEC = "qwen-spec"
@@ -26,7 +27,7 @@ def make_profile(name: str, **overrides: Any) -> Profile:
     fields: dict[str, Any] = {"target": "Qwen3.6-27B-Q4_K_M.gguf", "base_dir": MODELS_DIR, "n_ctx": 32768,
                               "source": "<test>"}
     fields.update(overrides)
-    return Profile(name=name, **fields)
+    return flat_profile(name, **fields)
 
 
 def make_config(*extra: Profile, theme: str | None = None, keys: dict[str, str] | None = None) -> Config:

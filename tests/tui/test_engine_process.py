@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from beechat.backends.worker import WorkerBackend
-from beechat.config import Config, Profile, Sampling
+from beechat.config import Config, EmbeddedSettings, Profile, Sampling
 from beechat.store import Store
 from beechat.tui.app import create_app
 from beechat.tui.widgets import ReplyView
@@ -22,8 +22,8 @@ LOAD_S = 120.0
 
 def demo_profile(name: str, demo_model: Path) -> Profile:
     # one llama.cpp thread: the engine process shares this 2-core machine with the UI and other tests
-    return Profile(name=name, target=str(demo_model), n_ctx=4096, n_threads=1, max_tokens=2000,
-                   sampling=Sampling(temperature=0.0), source="<test>")
+    return Profile(name=name, settings=EmbeddedSettings(target=str(demo_model), n_ctx=4096, n_threads=1),
+                   max_tokens=2000, sampling=Sampling(temperature=0.0), source="<test>")
 
 
 def demo_config(demo_model: Path, *names: str) -> Config:

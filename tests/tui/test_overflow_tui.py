@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import Static
 
-from beechat.config import Config, Profile, Sampling
+from beechat.config import Config, EmbeddedSettings, Profile, Sampling
 from beechat.store import Store
 from beechat.tui.app import create_app
 from beechat.tui.widgets import ReplyView
@@ -30,8 +30,8 @@ def caption(reply: ReplyView) -> str:
 
 @pytest.mark.parametrize("policy", ["drop-oldest", "stop"])
 async def test_a_reply_cut_by_the_context_end_and_the_next_message(tiny: Path, store: Store, policy: str) -> None:
-    profile = Profile(name="tiny", target=str(tiny), n_ctx=256, n_threads=1, overflow=policy,  # type: ignore[arg-type]
-                      max_tokens=100_000, sampling=Sampling(temperature=0.0))
+    settings = EmbeddedSettings(target=str(tiny), n_ctx=256, n_threads=1, overflow=policy)  # type: ignore[arg-type]
+    profile = Profile(name="tiny", settings=settings, max_tokens=100_000, sampling=Sampling(temperature=0.0))
     config = Config(profiles={"tiny": profile}, default="tiny", source="<test>")
     app = create_app(config, profile, store=store, theme_dirs=[])
     async with app.run_test(size=SIZE) as pilot:

@@ -30,7 +30,7 @@ from beechat.backends.openai.stream import chat_request, handle_event, handle_wh
 from beechat.backends.openai.tokens import ServerTokenizer, estimate_tokens
 from beechat.backends.openai.transport import CancelWatcher, EnvBearerAuth
 from beechat.backends.server import ManagedServer, is_loopback, root_url, speculation_from_command
-from beechat.config import Profile, Sampling
+from beechat.config import OpenAISettings, Profile, Sampling
 from beechat.events import ChatMessage, Done, Event, Stats
 
 PROBE_READ_TIMEOUT_S = 5.0  # /props, /metrics, /slots, /tokenize
@@ -43,11 +43,12 @@ class OpenAIBackend:
 
     def __init__(self, profile: Profile, transport: httpx.BaseTransport | None = None) -> None:
         self.profile = profile
-        if not profile.base_url:
+        if not isinstance(profile.settings, OpenAISettings) or not profile.settings.base_url:
             raise BackendError(f"profile {profile.name!r}: backend \"openai\" needs base_url")
-        self.base_url = profile.base_url.rstrip("/")
+        self.settings = profile.settings
+        self.base_url = self.settings.base_url.rstrip("/")
         self.root_url = root_url(self.base_url)
-        self.auth = EnvBearerAuth(profile.api_key_env) if profile.api_key_env else None
+        self.auth = EnvBearerAuth(self.settings.api_key_env) if self.settings.api_key_env else None
         self.server: ManagedServer | None = None
         self.facts: ServerFacts | None = None
         self.info: ModelInfo | None = None
@@ -61,7 +62,7 @@ class OpenAIBackend:
 
     # -- clients -------------------------------------------------------------------------------
     def _timeout(self, read: float | None = None) -> httpx.Timeout:
-        p = self.profile
+        p = self.settings
         return httpx.Timeout(p.timeout if read is None else read, connect=p.connect_timeout,
                              pool=p.connect_timeout)
 
@@ -81,14 +82,14 @@ class OpenAIBackend:
     def load(self, progress: ProgressCallback | None = None) -> ModelInfo:
         if self.info is not None:
             return self.info
-        p = self.profile
+        p, name = self.settings, self.profile.name
         if p.api_key_env and not os.environ.get(p.api_key_env):
-            raise BackendError(f"profile {p.name!r}: environment variable {p.api_key_env} (api_key_env) "
+            raise BackendError(f"profile {name!r}: environment variable {p.api_key_env} (api_key_env) "
                                "is not set; export the API key there")
         self._closing.clear()
         try:
             if p.server is not None:
-                self.server = ManagedServer(p.server, p.name, self.base_url, p.connect_timeout, self.auth)
+                self.server = ManagedServer(p.server, name, self.base_url, p.connect_timeout, self.auth)
                 if progress is not None:
                     progress(0.0, f"starting server: {p.server.command[0]}")
                 self.server.start()
@@ -112,7 +113,7 @@ class OpenAIBackend:
                 response = client.get(models_url)
             except httpx.HTTPError as exc:
                 raise BackendError(self._describe_transport_error(exc, models_url)) from exc
-            if response.status_code != 503 or time.monotonic() - started > self.profile.timeout:
+            if response.status_code != 503 or time.monotonic() - started > self.settings.timeout:
                 break
             if progress is not None:  # an unmanaged server still loading its model
                 progress(0.5, f"server is loading the model ({time.monotonic() - started:.0f} s)")
@@ -124,10 +125,10 @@ class OpenAIBackend:
                 entries = parse_models(response.json())
         elif response.status_code in (401, 403):
             message, _ = http_error_text(response.status_code, response.reason_phrase, response.content)
-            env = self.profile.api_key_env
+            env = self.settings.api_key_env
             hint = f" (check {env})" if env else " (set api_key_env)"
             raise BackendError(f"{models_url}: {message}{hint}")
-        model = self.profile.api_model
+        model = self.settings.api_model
         if model is None:
             if not entries:
                 message, _ = http_error_text(response.status_code, response.reason_phrase, response.content)
@@ -184,7 +185,7 @@ class OpenAIBackend:
     # -- streaming -----------------------------------------------------------------------------
     def request_body(self, messages: Sequence[ChatMessage], sampling: Sampling,
                      max_tokens: int | None) -> dict[str, Any]:
-        model = self.facts.model if self.facts else self.profile.api_model
+        model = self.facts.model if self.facts else self.settings.api_model
         return chat_request(messages, sampling, max_tokens or self.profile.max_tokens, model)
 
     def stream(self, messages: Sequence[ChatMessage], sampling: Sampling, cancel: threading.Event,
@@ -225,7 +226,7 @@ class OpenAIBackend:
             request = client.build_request("POST", url, json=body, extensions={"trace": watcher.trace})
             with contextlib.closing(client.send(request, stream=True)) as response:
                 if response.status_code != 200:
-                    return http_error_outcome(response, self.profile.api_key_env)
+                    return http_error_outcome(response, self.settings.api_key_env)
                 content_type = response.headers.get("content-type", "")
                 if "json" in content_type and "event-stream" not in content_type:  # server ignored stream=true
                     yield from handle_whole_reply(response.read(), reply, self.facts)
@@ -266,7 +267,7 @@ class OpenAIBackend:
 
     # -- errors --------------------------------------------------------------------------------
     def _describe_transport_error(self, exc: BaseException, url: str) -> str:
-        text = transport_error_text(exc, url, self.profile.connect_timeout, self.profile.timeout)
+        text = transport_error_text(exc, url, self.settings.connect_timeout, self.settings.timeout)
         return one_line(self._with_server_state(text))
 
     def _with_server_state(self, text: str) -> str:
