@@ -48,7 +48,7 @@ class ChatSession:
         # messages in a row: the model sees the newer one (many chat templates insist that roles alternate)
         return alternating(head + self.messages)
 
-    def _ensure_conversation(self, first_text: str) -> int | None:
+    def _ensure_conversation(self) -> int | None:
         if self.store is None:
             return None
         if self.conversation_id is None:
@@ -58,7 +58,7 @@ class ChatSession:
     def send(self, text: str, sampling: Sampling | None = None, cancel: threading.Event | None = None,
              max_tokens: int | None = None, on_event: Callable[[Event], None] | None = None) -> Done:
         """Add a user message, stream the reply (events go to on_event) and save everything."""
-        conversation = self._ensure_conversation(text)
+        conversation = self._ensure_conversation()
         user: ChatMessage = {"role": "user", "content": text}
         self.messages.append(user)
         if self.store is not None and conversation is not None:

@@ -29,7 +29,7 @@ from beechat.config import (
 from beechat.engine.chat_template import ChatTemplate, TemplateError, alternating
 from beechat.engine.drafters import Drafter, DraftModelDrafter, NgramDrafter, vocab_mismatch
 from beechat.engine.gguf_meta import read_metadata
-from beechat.engine.kv import KVLayout
+from beechat.engine.kv import KVLayout, needs_flash_attn
 from beechat.engine.llama import Context, LlamaError, Model
 from beechat.engine.mtp import MTPContext, MTPDrafter, mtp_problem
 from beechat.engine.planner import auto_n_ctx
@@ -56,7 +56,7 @@ def resolve_flash_attn(setting: bool | Literal["auto"], cache_type_v: str) -> tu
 
     A quantized V cache only works with flash attention in llama.cpp.
     """
-    quantized_v = cache_type_v not in ("f16", "f32", "bf16")
+    quantized_v = needs_flash_attn(cache_type_v)
     if setting is False and quantized_v:
         raise EngineError(f"cache_type_v = \"{cache_type_v}\" needs flash attention, but flash_attn = false; "
                           "set flash_attn = true (or \"auto\"), or use cache_type_v = \"f16\"")

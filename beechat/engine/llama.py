@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,7 +111,6 @@ class Context:
         n_seq_id[:] = 1
         for i in range(self.n_batch):
             self._batch.seq_id[i][0] = 0
-        self._abort = threading.Event()
         # Called after every llama_decode with (tokens, pos0): drafters that learn from what the target
         # computed (MTP reads its hidden states) see every evaluated token and every cut (a pos0 below
         # the previous end means the cache was cut back to pos0 first).

@@ -51,7 +51,6 @@ class Model:
         self.is_recurrent = bool(lc.llama_model_is_recurrent(ptr))
         self.is_hybrid = bool(lc.llama_model_is_hybrid(ptr))
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(ptr))
-        self.size_bytes = int(lc.llama_model_size(ptr))
         self.n_layer_nextn = int(lc.llama_model_n_layer_nextn(ptr))  # MTP layers in the file
         self.mtp_loaded = load_mtp and self.n_layer_nextn > 0
         self.n_embd_out = int(lc.llama_model_n_embd_out(ptr)) or int(lc.llama_model_n_embd(ptr))

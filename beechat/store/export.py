@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from beechat import locations
+from beechat.format import human_bytes
 from beechat.store.db import json_safe
 from beechat.store.records import Conversation, StoredMessage
 
@@ -386,13 +387,7 @@ def _seconds(value: Any) -> str:
 
 
 def _bytes(value: Any) -> str:
-    if not _is_number(value):
-        return _plain(value)
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    amount, unit = float(value), 0
-    while abs(amount) >= 1024 and unit < len(units) - 1:
-        amount, unit = amount / 1024, unit + 1
-    return f"{amount:.0f} B" if unit == 0 else f"{amount:.1f} {units[unit]}"
+    return human_bytes(value) if _is_number(value) else _plain(value)
 
 
 def _pair(first: str, second: str, separator: str) -> str:
