@@ -42,10 +42,11 @@ def mtp_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def mtp_generator(path: Path, *, n_ctx: int = 512, n_rs_seq: int = 4, draft_max: int = 8,
-                  n_batch: int = 512) -> Generator:
+                  n_batch: int = 512, device_sampling: bool | None = None) -> Generator:
     model = Model(path, load_mtp=True)
     ctx = Context(model, n_ctx=n_ctx, n_threads=THREADS, n_rs_seq=n_rs_seq, n_batch=n_batch)
-    return Generator(model, ctx, MTPDrafter(ctx, n_threads=THREADS), draft_max=draft_max)
+    return Generator(model, ctx, MTPDrafter(ctx, n_threads=THREADS), draft_max=draft_max,
+                     device_sampling=device_sampling)
 
 
 def plain_generator(path: Path, n_ctx: int = 512) -> Generator:
@@ -105,6 +106,24 @@ def test_agreeing_head_accepts_almost_everything_and_matches_plain(mtp_models: d
         sampling = Sampling(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0)
         _, drafted_t, accepted_t = run_tokens(gen, prompt, sampling, 64, fixed_k=4, seed=3)
         assert drafted_t > 40 and accepted_t / drafted_t >= 0.9
+    finally:
+        close(gen)
+
+
+def test_the_head_reads_the_targets_hidden_states_while_the_device_samples(mtp_models: dict[str, Path],
+                                                                            prompt: list[int]) -> None:
+    """On a GPU greedy replies take the argmax on the device (no logits rows come back); the MTP
+    head still needs the target's hidden state of every token: with the agreeing head, acceptance
+    must stay as high as with logits on the host, and the output plain."""
+    plain = plain_generator(mtp_models["agree"])
+    want, _, _ = run_tokens(plain, prompt, GREEDY, 64)
+    close(plain)
+    gen = mtp_generator(mtp_models["agree"], device_sampling=True)
+    try:
+        got, drafted, accepted = run_tokens(gen, prompt, GREEDY, 64, fixed_k=4)
+        assert gen.context.device_greedy
+        assert got == want
+        assert drafted > 40 and accepted / drafted >= 0.9
     finally:
         close(gen)
 
