@@ -106,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", required=True)
     ap.add_argument("--draft", action="append", default=[], help="NAME=PATH, or NAME=ngram")
+    ap.add_argument("--prompt", default=PROMPT, help="raw text the model continues (no chat template)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--ks", default="4,8,15", help="fixed draft lengths to time")
     ap.add_argument("--draft-max", default=str(DRAFT_MAX), help="adaptive runs with these draft_max values")
@@ -136,14 +137,15 @@ def main() -> None:
     print(f"target loaded in {time.perf_counter() - t0:.1f}s: {target.description()}"
           f"{f', hybrid, n_rs_seq {ctx.n_rs_seq}' if hybrid else ''}"
           f"{f', MTP layers {target.n_layer_nextn}' if target.n_layer_nextn else ''}", flush=True)
-    prompt = target.tokenize(PROMPT)
+    prompt = target.tokenize(args.prompt)
     report: dict[str, Any] = {"target": args.target, "tokens": args.tokens, "repeat": args.repeat, "drafts": {}}
 
     variants = [v for v in args.variants.split(",") if v]
     if any(v not in ("host", "serial", "diag") for v in variants):
         ap.error(f"--variants: expected host, serial, diag, got {args.variants!r}")
-    plain_gens = {True: Generator(target, ctx, None, device_sampling=True),
-                  False: Generator(target, ctx, None, device_sampling=False)}
+    # None: the engine's default (argmax on the device where the target is on a GPU); False: on the host
+    plain_gens: dict[bool | None, Generator] = {None: Generator(target, ctx, None),
+                                                False: Generator(target, ctx, None, device_sampling=False)}
     for name_path in args.draft or []:
         name, _, path = name_path.partition("=")
         if path == "ngram":
@@ -154,18 +156,18 @@ def main() -> None:
             d_model = Model(Path(path), n_gpu_layers=args.n_gpu_layers)
             drafter = DraftModelDrafter(d_model, DraftModelDrafter.context_for(
                 d_model, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads))
-        # (label, fixed k, draft_max, argmax on the device, draft ahead during verifies (None: default))
-        modes: list[tuple[str, int | None, int, bool, bool | None]] = [("plain", 0, 0, True, None)]
-        modes += [(f"k={k}", k, k, True, None) for k in ks]
-        modes += [(f"adaptive(max {m})", None, m, True, None) for m in draft_maxes]
+        # (label, fixed k, draft_max, argmax on the device, draft ahead during verifies); None: the default
+        modes: list[tuple[str, int | None, int, bool | None, bool | None]] = [("plain", 0, 0, None, None)]
+        modes += [(f"k={k}", k, k, None, None) for k in ks]
+        modes += [(f"adaptive(max {m})", None, m, None, None) for m in draft_maxes]
         if "host" in variants:
             modes += [("plain/host", 0, 0, False, None)]
             modes += [(f"adaptive(max {m})/host", None, m, False, None) for m in draft_maxes[-1:]]
         if "serial" in variants:
-            modes += [(f"k={k}/serial", k, k, True, False) for k in ks[-1:]]
-            modes += [(f"adaptive(max {m})/serial", None, m, True, False) for m in draft_maxes[-1:]]
+            modes += [(f"k={k}/serial", k, k, None, False) for k in ks[-1:]]
+            modes += [(f"adaptive(max {m})/serial", None, m, None, False) for m in draft_maxes[-1:]]
         if "diag" in variants:  # the drafter's generator with drafting off, and plain again at the end
-            modes += [("k=0 (drafter attached)", 0, 1, True, None), ("plain again", 0, 0, True, None)]
+            modes += [("k=0 (drafter attached)", 0, 1, None, None), ("plain again", 0, 0, None, None)]
         runs: dict[str, list[dict[str, Any]]] = {m[0]: [] for m in modes}
         for plain_gen in plain_gens.values():  # warm-up: first decodes allocate buffers
             generate(plain_gen, prompt, 16, 0)
@@ -178,7 +180,7 @@ def main() -> None:
                     gen = plain_gens[on_device]
                 else:
                     gen = Generator(target, ctx, drafter, draft_max=draft_max, device_sampling=on_device,
-                                    lookahead=supports_gpu_offload() if ahead is None else ahead)
+                                    lookahead=ahead)
                     generate(gen, prompt, 8, fixed_k)  # warm the batch shape / controller
                 runs[label].append(generate(gen, prompt, args.tokens, fixed_k))
         reference = runs["plain"][0]["tokens"]

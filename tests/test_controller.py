@@ -105,3 +105,16 @@ def test_long_catch_up_after_drafting_was_off_is_not_taken_as_the_fixed_cost() -
     before = controller.fixed_cost
     controller.observe(1, 1, 0.500, 0.02, fixed_seconds=0.490, caught_up=300)
     assert controller.fixed_cost == before
+
+
+def test_probes_of_a_dear_draft_stay_within_their_budget() -> None:
+    # CPU-like: the draft costs a full step per token and its catch-up four more, so each probe
+    # costs five plain steps; while drafting is off probes may take PROBE_BUDGET of the time
+    world = World(acceptance=0.0, slope=0.8, draft=1.0, fixed=4.0)
+    controller = DraftController(draft_max=8)
+    ks = world.run(controller, 2000, np.random.default_rng(6))
+    settled = ks[100:]  # after learning
+    spent = sum(world.verify(k + 1) + (world.step_seconds * (world.fixed + world.draft * k) if k else 0)
+                for k in settled)
+    assert spent / (len(settled) * world.verify(1)) <= 1 + controller.PROBE_BUDGET
+    # (probing every 16 passes doubling to 256, without the budget, cost 2.4% here)

@@ -13,6 +13,7 @@ sample t ~ p_i and accept iff t == d_i. Either way the emitted text has the targ
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -79,8 +80,11 @@ class DraftController:
     _probes: int = 0  # probes observed (learning needs LEARN_PROBES)
     _last_n: int = 0  # the previous pass's verify batch size
     _same_n: int = 0  # passes in a row with that size
+    probe_cost: float = 0.0  # seconds the latest probe cost beyond a plain step (drafting, catch-up included)
 
     MIN_PROBE, MAX_PROBE = 16, 256
+    PROBE_BUDGET = 0.02  # probes cost at most this share of the time while drafting is off
+    MAX_AFFORDABLE_PROBE = 4096
     MARGIN = 1.03
     SWITCH_MARGIN = 1.05
     PROBE_K = 1
@@ -89,6 +93,11 @@ class DraftController:
     @property
     def acceptance(self) -> float:
         return self.accepted_w / self.tested_w if self.tested_w > 0 else 0.0
+
+    @property
+    def learning(self) -> bool:
+        """Still taking its first probes (acceptance and the draft's cost are not known yet)."""
+        return self.draft_cost is None or self._probes < self.LEARN_PROBES
 
     @property
     def probing(self) -> bool:
@@ -112,6 +121,8 @@ class DraftController:
         """A probe run beside a plain pass: whether the drafter's first token was the target's, and
         what drafting it cost. The plain pass itself is reported with observe(0, ...)."""
         self._probes += 1
+        self.probe_cost = draft_seconds
+        self.probe_interval = max(self.probe_interval, self._affordable_interval())
         self._count_test(1, int(accepted))
         self._count_draft_cost(1, draft_seconds, fixed_seconds, caught_up)
 
@@ -120,8 +131,11 @@ class DraftController:
         """One pass: k drafts, `accepted` of them accepted; `draft_seconds` all the drafter spent,
         `fixed_seconds` of it before the first draft, after evaluating `caught_up` tokens."""
         if k > 0:
-            if self._probing:
+            if self._probing:  # a probe verified for real: its extra verify time is its cost too
                 self._probes += 1
+                plain = self.verify_cost.get(1, verify_seconds)
+                self.probe_cost = draft_seconds + max(0.0, verify_seconds - plain)
+                self.probe_interval = max(self.probe_interval, self._affordable_interval())
             self._count_test(k, accepted)
             self._count_draft_cost(k, draft_seconds, fixed_seconds, caught_up)
         self._probing = False
@@ -182,7 +196,7 @@ class DraftController:
             return 0
         if 1 not in self.verify_cost:
             return 0  # first time plain steps: the baseline every draft must beat
-        if self.draft_cost is None or self._probes < self.LEARN_PROBES:
+        if self.learning:
             self._probing = True  # then probes: acceptance and the draft's cost
             return min(limit, self.PROBE_K)
         if self._stale or self._last_choice > 0:  # while drafting is off only probes change anything
@@ -207,14 +221,24 @@ class DraftController:
         self.passes_since_probe += 1
         if self.passes_since_probe >= self.probe_interval:  # re-measure acceptance cheaply
             self.passes_since_probe = 0
-            self.probe_interval = min(self.MAX_PROBE, self.probe_interval * 2)
+            self.probe_interval = max(min(self.MAX_PROBE, self.probe_interval * 2), self._affordable_interval())
             self._probing = True
             return min(limit, self.PROBE_K)
         return 0
 
+    def _affordable_interval(self) -> int:
+        """Passes between probes for them to cost at most PROBE_BUDGET of the time: a probe of a
+        draft as dear as the target (a 2-core CPU) costs several plain steps with its catch-up."""
+        step = self.verify_cost.get(1)
+        if not step or self.probe_cost <= 0:
+            return 0
+        return min(self.MAX_AFFORDABLE_PROBE, math.ceil(self.probe_cost / (self.PROBE_BUDGET * step)))
+
 
 class Generator:
     """Generates from a target context with an optional drafter."""
+
+    PROBE_WINDOW = 32  # tokens of context a draft model's probe reads while drafting is off
 
     def __init__(self, target: Model, context: Context, drafter: Drafter | None = None,
                  draft_max: int = DRAFT_MAX, draft_min: int = 0, adaptive: bool = True,
@@ -343,10 +367,20 @@ class Generator:
         too high."""
         drafter = self.drafter
         assert drafter is not None
+        # While drafting is off a draft model falls behind: catching up on all the text since the
+        # last probe would cost what drafting all along would have (on a CPU, with a draft as dear
+        # as the target, 60% of a plain step per token). A later probe reads only the last
+        # PROBE_WINDOW tokens, in a cache started afresh; real drafting catches up in full.
+        window = (drafter.kind == "draft" and not self.controller.learning and len(history) > self.PROBE_WINDOW)
+        probe_history = history[-self.PROBE_WINDOW:] if window else history
+        if window:
+            drafter.begin(probe_history)
         try:
-            proposal: Proposal | None = drafter.propose(history, k, sampling, rng)
+            proposal: Proposal | None = drafter.propose(probe_history, k, sampling, rng)
         except LlamaError:  # a failed probe drafts nothing; the reply goes on
             proposal = None
+        if window:
+            drafter.begin(history)
         step, verify_seconds = self._verify(history, [], [], sampling, rng)
         if self.adaptive:
             if proposal is None or not proposal.tokens:
