@@ -164,3 +164,23 @@ def test_probes_run_beside_plain_passes(tiny_models: dict[str, Path], lookahead:
     got, drafted, accepted = run(perfect, GREEDY, 64)
     assert got == want
     assert perfect.controller.acceptance > 0.8 and accepted == drafted
+
+
+@pytest.mark.parametrize("draft", ["random_draft", "hybrid_draft"])
+def test_a_window_probe_leaves_the_next_full_proposal_exact(tiny_models: dict[str, Path], draft: str) -> None:
+    """While drafting is off, a probe reads only the text's last tokens in a cache started afresh;
+    the next proposal on the whole history must catch up in full and draft exactly what it would
+    have drafted without the probe (a transformer draft truncates, a recurrent one rebuilds)."""
+    target = "random_target" if draft == "random_draft" else "hybrid"
+    history, _, _ = run(generator(tiny_models[target], device=False), GREEDY, 80)
+    history = generator(tiny_models[target], device=False).target.tokenize(TEXT) + history
+    model = Model(tiny_models[draft])
+    drafter = DraftModelDrafter(model, DraftModelDrafter.context_for(model, n_ctx=512, n_threads=THREADS))
+    rng = np.random.default_rng(0)
+    want = drafter.propose(history, 6, GREEDY, rng).tokens
+    drafter.forget_chain()
+    probe = drafter.propose_from_window(history[-32:], 1, GREEDY, rng)
+    assert len(probe.tokens) == 1 and drafter.context.n_past < 40  # only the window was read
+    got = drafter.propose(history, 6, GREEDY, rng)
+    assert got.tokens == want and got.caught_up >= len(history) - 40
+    drafter.close()

@@ -306,6 +306,17 @@ class DraftModelDrafter:
         proposal.seconds = time.perf_counter() - started
         return proposal
 
+    def propose_from_window(self, window: Sequence[int], n: int, sampling: Sampling,
+                            rng: np.random.Generator) -> Proposal:
+        """A probe that reads only `window` (the text's last tokens) in a cache started afresh,
+        instead of catching up on everything since the last sync. No turn checkpoint is taken; the
+        next propose with the whole history catches up in full."""
+        new_turn, self._new_turn, self._stable = self._new_turn, False, 0
+        try:
+            return self.propose(window, n, sampling, rng)
+        finally:
+            self._new_turn, self._stable = new_turn, 0
+
     def start_lookahead(self, limit: int) -> bool:
         if self._next is None or self._ahead is not None or limit <= 0:
             return False

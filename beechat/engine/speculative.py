@@ -24,7 +24,7 @@ import numpy as np
 
 from beechat.config import DRAFT_MAX, Sampling
 from beechat.engine import profile
-from beechat.engine.drafters import Drafter, Proposal, common_prefix
+from beechat.engine.drafters import Drafter, DraftModelDrafter, Proposal, common_prefix
 from beechat.engine.llama import Context, LlamaError, Model, SavedState
 from beechat.engine.sampling import Distribution, distribution, greedy_token, verify_draft
 
@@ -371,16 +371,15 @@ class Generator:
         # last probe would cost what drafting all along would have (on a CPU, with a draft as dear
         # as the target, 60% of a plain step per token). A later probe reads only the last
         # PROBE_WINDOW tokens, in a cache started afresh; real drafting catches up in full.
-        window = (drafter.kind == "draft" and not self.controller.learning and len(history) > self.PROBE_WINDOW)
-        probe_history = history[-self.PROBE_WINDOW:] if window else history
-        if window:
-            drafter.begin(probe_history)
         try:
-            proposal: Proposal | None = drafter.propose(probe_history, k, sampling, rng)
+            proposal: Proposal | None
+            if (isinstance(drafter, DraftModelDrafter) and not self.controller.learning
+                    and len(history) > self.PROBE_WINDOW):
+                proposal = drafter.propose_from_window(history[-self.PROBE_WINDOW:], k, sampling, rng)
+            else:
+                proposal = drafter.propose(history, k, sampling, rng)
         except LlamaError:  # a failed probe drafts nothing; the reply goes on
             proposal = None
-        if window:
-            drafter.begin(history)
         step, verify_seconds = self._verify(history, [], [], sampling, rng)
         if self.adaptive:
             if proposal is None or not proposal.tokens:
