@@ -26,6 +26,7 @@ from beechat.engine.runtime import (
     LlamaLog,
     available_cores,
     default_threads,
+    init_context,
     llama_log,
     reserve_cores,
     set_shared_params,
@@ -33,7 +34,7 @@ from beechat.engine.runtime import (
 )
 
 __all__ = ["Context", "LlamaError", "LlamaLog", "Logits", "Model", "SavedState", "available_cores",
-           "default_threads", "kv_size_from_log", "llama_log", "reserve_cores", "set_shared_params",
+           "default_threads", "init_context", "kv_size_from_log", "llama_log", "reserve_cores", "set_shared_params",
            "supports_gpu_offload"]
 
 Logits = npt.NDArray[np.float32]
@@ -66,7 +67,6 @@ class Context:
                  type_k: int = lc.GGML_TYPE_F16, type_v: int = lc.GGML_TYPE_F16,
                  flash_attn: bool | None = None, n_rs_seq: int = 0, n_threads: int | None = None,
                  branch: bool = False) -> None:
-        log = llama_log()
         self.model = model
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -83,12 +83,8 @@ class Context:
         # default, 1, lets it sample only one output per sequence and decode fails otherwise)
         params.n_outputs_max_per_seq = params.n_batch
         set_shared_params(params, n_threads=n_threads, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
-        self.log_mark = log.mark()
-        ptr = lc.llama_init_from_model(model.ptr, params)
-        if not ptr:
-            reason = log.last_error(self.log_mark) or "llama_init_from_model returned NULL"
-            raise LlamaError(f"cannot create a context for {model.path.name} (n_ctx={n_ctx}): {reason}")
-        self.ptr = ptr
+        self.ptr, self.log_mark = init_context(model.ptr, params, f"a context for {model.path.name} (n_ctx={n_ctx})")
+        ptr = self.ptr
         self.n_ctx = int(lc.llama_n_ctx(ptr))
         self.n_batch = int(lc.llama_n_batch(ptr))
         self.n_ubatch = int(lc.llama_n_ubatch(ptr))

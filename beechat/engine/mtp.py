@@ -33,7 +33,7 @@ from beechat.config import Sampling
 from beechat.engine import profile
 from beechat.engine.drafters import Proposal
 from beechat.engine.gguf_meta import GGUFError, read_metadata
-from beechat.engine.llama import Context, LlamaError, Logits, Model, llama_log, set_shared_params
+from beechat.engine.llama import Context, LlamaError, Logits, Model, init_context, llama_log, set_shared_params
 from beechat.engine.sampling import draft_token
 
 
@@ -65,7 +65,6 @@ class MTPContext:
 
     def __init__(self, target: Context, *, type_k: int, type_v: int, flash_attn: bool | None,
                  n_threads: int | None) -> None:
-        log = llama_log()
         model = target.model
         reason = no_mtp_reason(model)
         if reason:
@@ -79,12 +78,8 @@ class MTPContext:
         params.n_seq_max = 1
         params.n_rs_seq = 0
         set_shared_params(params, n_threads=n_threads, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
-        self.log_mark = log.mark()
-        ptr = lc.llama_init_from_model(model.ptr, params)
-        if not ptr:
-            reason = log.last_error(self.log_mark) or "llama_init_from_model returned NULL"
-            raise LlamaError(f"cannot create the MTP context for {model.path.name}: {reason}")
-        self.ptr = ptr
+        self.ptr, self.log_mark = init_context(model.ptr, params, f"the MTP context for {model.path.name}")
+        ptr = self.ptr
         self.model = model
         self.n_ctx = int(lc.llama_n_ctx(ptr))
         self.n_batch = int(lc.llama_n_batch(ptr))

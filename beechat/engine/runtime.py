@@ -125,3 +125,15 @@ def set_shared_params(params: Any, *, n_threads: int | None, type_k: int, type_v
 def supports_gpu_offload() -> bool:
     llama_log()  # initialise the backend first
     return bool(lc.llama_supports_gpu_offload())
+
+
+def init_context(model_ptr: Any, params: Any, what: str) -> tuple[Any, int]:
+    """llama_init_from_model, failing with a one-line LlamaError that names `what` and llama.cpp's
+    own reason; returns the context and the log mark its creation started at."""
+    log = llama_log()
+    mark = log.mark()
+    ptr = lc.llama_init_from_model(model_ptr, params)
+    if not ptr:
+        reason = log.last_error(mark) or "llama_init_from_model returned NULL"
+        raise LlamaError(f"cannot create {what}: {reason}")
+    return ptr, mark
