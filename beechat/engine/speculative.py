@@ -86,7 +86,7 @@ class DraftController:
     PROBE_BUDGET = 0.02  # probes cost at most this share of the time while drafting is off
     MAX_AFFORDABLE_PROBE = 4096
     MARGIN = 1.03
-    SWITCH_MARGIN = 1.05
+    SWITCH_MARGIN = 1.2  # a new batch shape costs two slow passes: switch only for a clear gain
     PROBE_K = 1
     LEARN_PROBES = 3
 
