@@ -56,6 +56,12 @@ class Sampling:
         """Whether the repeat penalty changes any logit."""
         return self.repeat_penalty != 1.0 and self.repeat_last_n != 0
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy without a penalty: every token is its logits row's argmax, a function of the text
+        alone (so the device can take it, and a draft model's chain of them can be reused)."""
+        return self.greedy and not self.penalizes
+
     def with_overrides(self, **overrides: Any) -> Sampling:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -194,10 +194,6 @@ class DraftModelDrafter:
         """Draft the next reply afresh even where it repeats the last one (benchmarks repeat a prompt)."""
         self._next = None
 
-    def _live(self) -> list[int]:
-        """A copy of the tokens whose state the draft decodes from next (sequence 0, then the branch)."""
-        return self.context.tokens + self._branch_tokens
-
     def _live_len(self) -> int:
         return len(self.context.tokens) + len(self._branch_tokens)
 
@@ -249,14 +245,19 @@ class DraftModelDrafter:
         return self._next
 
     def _chain_after(self, history: Sequence[int]) -> list[int] | None:
-        """Greedy drafts already known after `history`, if the history follows the chain."""
-        if self._next is None:
+        """Greedy drafts already known after `history`, if the history follows the chain (sequence
+        0's tokens, the branch's, then the next token). history[:_stable] is known to equal sequence
+        0's start, so only what lies past it is compared (a pass compares tens of tokens, not the text)."""
+        if self._next is None or len(history) > self._live_len() + 1:
             return None
-        chain = self._live()
-        chain.append(self._next)
-        if len(history) > len(chain) or chain[:len(history)] != list(history):
+        seq0 = self.context.tokens
+        head = min(len(history), len(seq0))
+        if common_prefix(seq0, history, min(self._stable, head)) < head:
             return None
-        return chain[len(history):]
+        rest = [*self._branch_tokens, self._next]
+        if rest[:len(history) - head] != list(history[head:]):
+            return None
+        return seq0[len(history):] + rest[len(history) - head:]
 
     def propose(self, history: Sequence[int], n: int, sampling: Sampling, rng: np.random.Generator) -> Proposal:
         ctx = self.context
@@ -265,7 +266,7 @@ class DraftModelDrafter:
         if n <= 0:
             return proposal
         started = t = profile.mark()
-        greedy = sampling.greedy and not sampling.penalizes
+        greedy = sampling.argmax_only
         if ctx.device_greedy and not greedy:
             ctx.sample_on_device(False)  # this proposal needs the logits rows
         known = self._chain_after(history) if greedy else None

@@ -104,6 +104,11 @@ class DraftController:
         """The last choice was a probe (the Generator may run it in the shadow of a plain pass)."""
         return self._probing
 
+    def _count_probe(self, cost: float) -> None:
+        self._probes += 1
+        self.probe_cost = cost
+        self.probe_interval = max(self.probe_interval, self._affordable_interval())
+
     def _count_test(self, k: int, accepted: int) -> None:
         tested = accepted + (1 if accepted < k else 0)
         self.accepted_w = self.decay * self.accepted_w + accepted
@@ -120,9 +125,7 @@ class DraftController:
                       caught_up: int = 0) -> None:
         """A probe run beside a plain pass: whether the drafter's first token was the target's, and
         what drafting it cost. The plain pass itself is reported with observe(0, ...)."""
-        self._probes += 1
-        self.probe_cost = draft_seconds
-        self.probe_interval = max(self.probe_interval, self._affordable_interval())
+        self._count_probe(draft_seconds)
         self._count_test(1, int(accepted))
         self._count_draft_cost(1, draft_seconds, fixed_seconds, caught_up)
 
@@ -132,10 +135,7 @@ class DraftController:
         `fixed_seconds` of it before the first draft, after evaluating `caught_up` tokens."""
         if k > 0:
             if self._probing:  # a probe verified for real: its extra verify time is its cost too
-                self._probes += 1
-                plain = self.verify_cost.get(1, verify_seconds)
-                self.probe_cost = draft_seconds + max(0.0, verify_seconds - plain)
-                self.probe_interval = max(self.probe_interval, self._affordable_interval())
+                self._count_probe(draft_seconds + max(0.0, verify_seconds - self.verify_cost.get(1, verify_seconds)))
             self._count_test(k, accepted)
             self._count_draft_cost(k, draft_seconds, fixed_seconds, caught_up)
         self._probing = False
@@ -295,7 +295,7 @@ class Generator:
         history = list(prompt)
         emitted = 0
         self.finish_reason = "length"
-        on_device = self.device_sampling and sampling.greedy and not sampling.penalizes
+        on_device = self.device_sampling and sampling.argmax_only
         ctx.sample_on_device(on_device)
         if self.drafter is not None:
             self.drafter.sample_on_device(on_device)
@@ -313,8 +313,8 @@ class Generator:
                 k = min(fixed_k, limit)
             else:
                 k = self.controller.choose(limit)
-            if (self.drafter is not None and k > 0 and fixed_k is None and self.controller.probing
-                    and sampling.greedy and not sampling.penalizes):
+            if self.drafter is not None and k > 0 and fixed_k is None and self.controller.probing \
+                    and sampling.argmax_only:
                 step = self._shadow_probe(history, k, sampling, rng)
             else:
                 step = self._pass(history, k, sampling, rng)
@@ -410,7 +410,7 @@ class Generator:
         argmaxes: list[int] | None = None
         if ctx.device_greedy:
             argmaxes = ctx.sampled(len(drafts) + 1)
-        elif greedy and not sampling.penalizes:
+        elif sampling.argmax_only:
             argmaxes = np.argmax(logits[:len(drafts) + 1], axis=1).tolist()
         # the penalty window for row i: the recent history plus drafts[:i]
         tail = history[-sampling.repeat_last_n:] if sampling.repeat_last_n > 0 else []
