@@ -3,6 +3,8 @@
 # Run through the device tool from the repo root (docs/benchmarks.md has the whole command):
 #   bash .gpu/device/setup.sh /opt/ls >/dev/null; export LD_LIBRARY_PATH=/opt/ls/llama_cpp/lib PYTHONPATH=/opt/ls:$PWD
 #   PARTS="tools hybrid dense" bash bench/gpu_spec.sh
+# Knobs (environment): TOKENS, KS, DRAFT_MAX, REPEAT, VARIANTS (spec_bench --variants), EXTRA_DRAFTS
+# (default "--draft ngram=ngram"; empty: none), USELESS_KS, USELESS_REPEAT, USELESS_VARIANTS, CPP_NMAX.
 # PARTS picks what runs:
 #   tools   llama.cpp's llama-bench / llama-speculative-simple (carried in .gpu/lcpp-bin, else built
 #           in the background from the vendored source: ~5.5 min)
@@ -67,12 +69,13 @@ if has cost; then
   pack
 fi
 if has hybrid; then
-  python3 bench/spec_bench.py --target $M/hybrid.gguf --draft good=$M/hdraft.gguf --draft ngram=ngram \
+  python3 bench/spec_bench.py --target $M/hybrid.gguf --draft good=$M/hdraft.gguf ${EXTRA_DRAFTS---draft ngram=ngram} \
     --tokens $TOKENS --ks ${KS:-4,8,16} --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
     --variants ${VARIANTS:-host,serial} --profile --json-out $RES/spec_bench_hybrid.json 2>&1 | tee $RES/spec_bench_hybrid.txt
   # a useless draft: fixed lengths only show how much a controller must save, one is enough
   python3 bench/spec_bench.py --target $M/hybrid.gguf --draft useless=$M/huseless.gguf \
-    --tokens $TOKENS --ks 4 --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} ${USELESS_VARIANTS:+--variants $USELESS_VARIANTS} \
+    --tokens $TOKENS --ks ${USELESS_KS:-4} --draft-max ${DRAFT_MAX:-16,32} --repeat ${USELESS_REPEAT:-${REPEAT:-2}} \
+    ${USELESS_VARIANTS:+--variants $USELESS_VARIANTS} \
     --profile --json-out $RES/spec_bench_hybrid_useless.json 2>&1 | tee $RES/spec_bench_hybrid_useless.txt
   pack
 fi

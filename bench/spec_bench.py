@@ -57,8 +57,13 @@ def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None
     ks: list[int] = []
     clock = DecodeClock()
     clock.decode_started()
+    rebuilt: list[bool] = []  # per pass: the target's graph was built anew (not reused)
+    reused_before = graph_counts(gen.context)
     with profile.profiling() as prof:
         for step in gen.steps(prompt, GREEDY, tokens, threading.Event(), np.random.default_rng(0), fixed_k):
+            reused_now = graph_counts(gen.context)
+            rebuilt.append(reused_now == reused_before)
+            reused_before = reused_now
             clock.tokens_emitted(len(step.tokens))
             out += step.tokens
             drafted += step.drafted
@@ -68,7 +73,9 @@ def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None
     return {"tokens": out, "n": len(out), "decode_tps": clock.decode_tps, "drafted": drafted, "accepted": accepted,
             "passes": passes, "acceptance": accepted / drafted if drafted else None,
             "mean_k": statistics.mean(ks) if ks else 0, "profile_ms": prof.per_pass_ms(),
-            "lookahead_tokens": gen.lookahead_tokens - ahead_before, "graphs": graph_counts(gen.context)}
+            "lookahead_tokens": gen.lookahead_tokens - ahead_before, "graphs": graph_counts(gen.context),
+            "trace": [f"{'p' if k < 0 else k}:{1000 * sec:.1f}{'*' if fresh else ''}"
+                      for (k, sec), fresh in zip(prof.trace, rebuilt, strict=True)]}
 
 
 def graph_counts(ctx: Context) -> int:
@@ -120,7 +127,9 @@ def main() -> None:
     ap.add_argument("--variants", default="",
                     help="comma list; also time plain and the largest adaptive mode with: host = every row's logits "
                          "copied to the host and the argmax taken there (default: on the device); serial = no "
-                         "drafting ahead while the target verifies (default: ahead where the target is on a GPU)")
+                         "drafting ahead while the target verifies (default: ahead where the target is on a GPU); "
+                         "warm = the controller after one whole reply (default: after 8 tokens); cut = the last "
+                         "pass cut short at the reply's end (default on a GPU: it keeps its batch shape)")
     ap.add_argument("--profile", action="store_true", help="print where each pass's time goes")
     ap.add_argument("--json-out")
     args = ap.parse_args()
@@ -141,8 +150,8 @@ def main() -> None:
     report: dict[str, Any] = {"target": args.target, "tokens": args.tokens, "repeat": args.repeat, "drafts": {}}
 
     variants = [v for v in args.variants.split(",") if v]
-    if any(v not in ("host", "serial", "diag") for v in variants):
-        ap.error(f"--variants: expected host, serial, diag, got {args.variants!r}")
+    if any(v not in ("host", "serial", "diag", "warm", "cut") for v in variants):
+        ap.error(f"--variants: expected host, serial, diag, warm, cut, got {args.variants!r}")
     # None: the engine's default (argmax on the device where the target is on a GPU); False: on the host
     plain_gens: dict[bool | None, Generator] = {None: Generator(target, ctx, None),
                                                 False: Generator(target, ctx, None, device_sampling=False)}
@@ -156,32 +165,38 @@ def main() -> None:
             d_model = Model(Path(path), n_gpu_layers=args.n_gpu_layers)
             drafter = DraftModelDrafter(d_model, DraftModelDrafter.context_for(
                 d_model, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads))
-        # (label, fixed k, draft_max, argmax on the device, draft ahead during verifies); None: the default
-        modes: list[tuple[str, int | None, int, bool | None, bool | None]] = [("plain", 0, 0, None, None)]
-        modes += [(f"k={k}", k, k, None, None) for k in ks]
-        modes += [(f"adaptive(max {m})", None, m, None, None) for m in draft_maxes]
+        # (label, fixed k, draft_max, Generator keywords, warm-up reply length); a keyword left out
+        # takes the engine's default
+        Mode = tuple[str, int | None, int, dict[str, bool], int]
+        big = draft_maxes[-1:]
+        modes: list[Mode] = [("plain", 0, 0, {}, 0)]
+        modes += [(f"k={k}", k, k, {}, 8) for k in ks]
+        modes += [(f"adaptive(max {m})", None, m, {}, 8) for m in draft_maxes]
+        if "warm" in variants:  # the controller after a whole reply, as in a chat's later replies
+            modes += [(f"adaptive(max {m})/warm", None, m, {}, args.tokens) for m in big]
+        if "cut" in variants:  # the last pass cut short at the reply's end (a new batch shape)
+            modes += [(f"adaptive(max {m})/cut", None, m, {"steady_shape": False}, 8) for m in big]
         if "host" in variants:
-            modes += [("plain/host", 0, 0, False, None)]
-            modes += [(f"adaptive(max {m})/host", None, m, False, None) for m in draft_maxes[-1:]]
+            modes += [("plain/host", 0, 0, {"device_sampling": False}, 0)]
+            modes += [(f"adaptive(max {m})/host", None, m, {"device_sampling": False}, 8) for m in big]
         if "serial" in variants:
-            modes += [(f"k={k}/serial", k, k, None, False) for k in ks[-1:]]
-            modes += [(f"adaptive(max {m})/serial", None, m, None, False) for m in draft_maxes[-1:]]
+            modes += [(f"k={k}/serial", k, k, {"lookahead": False}, 8) for k in ks[-1:]]
+            modes += [(f"adaptive(max {m})/serial", None, m, {"lookahead": False}, 8) for m in big]
         if "diag" in variants:  # the drafter's generator with drafting off, and plain again at the end
-            modes += [("k=0 (drafter attached)", 0, 1, None, None), ("plain again", 0, 0, None, None)]
+            modes += [("k=0 (drafter attached)", 0, 1, {}, 8), ("plain again", 0, 0, {}, 0)]
         runs: dict[str, list[dict[str, Any]]] = {m[0]: [] for m in modes}
         for plain_gen in plain_gens.values():  # warm-up: first decodes allocate buffers
             generate(plain_gen, prompt, 16, 0)
         for _ in range(args.repeat):
-            for label, fixed_k, draft_max, on_device, ahead in modes:
+            for label, fixed_k, draft_max, kwargs, warm in modes:
                 # plain runs must not feed the MTP head: only its own generator watches the target
                 ctx.observers.clear()
                 ctx.output_hidden(isinstance(drafter, MTPDrafter) and fixed_k != 0)
                 if label.startswith("plain"):
-                    gen = plain_gens[on_device]
+                    gen = plain_gens[kwargs.get("device_sampling")]
                 else:
-                    gen = Generator(target, ctx, drafter, draft_max=draft_max, device_sampling=on_device,
-                                    lookahead=ahead)
-                    generate(gen, prompt, 8, fixed_k)  # warm the batch shape / controller
+                    gen = Generator(target, ctx, drafter, draft_max=draft_max, **kwargs)
+                    generate(gen, prompt, warm, fixed_k)  # warm the batch shape / controller
                 runs[label].append(generate(gen, prompt, args.tokens, fixed_k))
         reference = runs["plain"][0]["tokens"]
         gaps = top2_gaps(target, ctx, prompt, reference)
@@ -204,6 +219,7 @@ def main() -> None:
                 "tokens_per_pass": statistics.mean(r["n"] / max(r["passes"], 1) for r in rs),
                 "lookahead_per_pass": statistics.mean(r["lookahead_tokens"] / max(r["passes"], 1) for r in rs),
                 "graphs_reused": f"{sum(r['graphs'] for r in rs)}/{sum(r['passes'] for r in rs)}",
+                "trace": rs[-1]["trace"],
             })
         report["drafts"][name] = {"path": path, "rows": rows}
         print(f"\n== draft {name} ({path}) ==", flush=True)
@@ -223,6 +239,12 @@ def main() -> None:
                       f"{r['lookahead_per_pass']:.2f} drafted ahead/pass, graphs reused/passes "
                       f"{r['graphs_reused']}: {parts}",
                       flush=True)
+            print("per pass, drafts:ms (p = a probe beside a plain pass, * = the target's graph built anew; last run "
+                  "of each mode):", flush=True)
+            for r in rows:
+                if r["mode"].startswith(("plain", "k=0")):
+                    continue
+                print(f"  {r['mode']:<24} {' '.join(r['trace'])}", flush=True)
         if path != "ngram":
             drafter.close()
         ctx.observers.clear()

@@ -28,19 +28,23 @@ TEXT = "Once upon a time, in a land far away"
 
 
 def generator(target: Path, draft: Path | None = None, *, device: bool, n_rs_seq: int = 0,
-              lookahead: bool = False) -> Generator:
+              lookahead: bool = False, steady_shape: bool = False) -> Generator:
     model = Model(target)
     ctx = Context(model, n_ctx=512, n_threads=THREADS, n_rs_seq=n_rs_seq)
     drafter = None
     if draft is not None:
         d_model = Model(draft)
         drafter = DraftModelDrafter(d_model, DraftModelDrafter.context_for(d_model, n_ctx=512, n_threads=THREADS))
-    return Generator(model, ctx, drafter, draft_max=6, device_sampling=device, lookahead=lookahead)
+    return Generator(model, ctx, drafter, draft_max=6, device_sampling=device, lookahead=lookahead,
+                     steady_shape=steady_shape)
 
 
-def run(gen: Generator, sampling: Sampling, n: int, fixed_k: int | None = None) -> tuple[list[int], int, int]:
-    prompt = gen.target.tokenize(TEXT)
-    gen.context.clear()
+def run(gen: Generator, sampling: Sampling, n: int, fixed_k: int | None = None,
+        prompt: list[int] | None = None) -> tuple[list[int], int, int]:
+    """One reply of at most n tokens; a given prompt continues the cache (its common prefix)."""
+    if prompt is None:
+        prompt = gen.target.tokenize(TEXT)
+        gen.context.clear()
     gen.prefill(prompt)
     tokens: list[int] = []
     drafted = accepted = 0
@@ -184,3 +188,39 @@ def test_a_window_probe_leaves_the_next_full_proposal_exact(tiny_models: dict[st
     got = drafter.propose(history, 6, GREEDY, rng)
     assert got.tokens == want and got.caught_up >= len(history) - 40
     drafter.close()
+
+
+@pytest.mark.parametrize("target,draft,n_rs_seq", [
+    ("random_target", "random_draft", 0),
+    ("bigram_target", "other_draft", 0),  # rejections
+    ("hybrid", "hybrid", 6),  # a recurrent target cuts back through its snapshots
+])
+def test_the_last_pass_keeps_its_batch_shape(tiny_models: dict[str, Path], target: str, draft: str,
+                                             n_rs_seq: int) -> None:
+    """On a GPU a pass near a reply's end keeps the previous pass's draft length (a new batch size
+    costs a graph rebuild): the drafts verified past the end are not emitted and the cache is cut
+    back to the emitted text, so the next reply continues exactly."""
+    plain = generator(tiny_models[target], device=False)
+    want, _, _ = run(plain, GREEDY, 40)
+    prompt = plain.target.tokenize(TEXT)
+    for steady in (True, False):
+        spec = generator(tiny_models[target], tiny_models[draft], device=False, n_rs_seq=n_rs_seq,
+                         steady_shape=steady)
+        passes = []
+        spec.context.clear()
+        spec.prefill(prompt)
+        for step in spec.steps(prompt, GREEDY, 13, threading.Event(), np.random.default_rng(1), fixed_k=5):
+            passes.append(step)
+        got = [t for s in passes for t in s.tokens]
+        assert got == want[:13]
+        assert spec.context.tokens == (prompt + got)[:-1]  # nothing past the emitted text stays cached
+        before_last = len(got) - len(passes[-1].tokens)
+        if steady:
+            assert all(s.drafted == 5 for s in passes)
+        else:
+            assert passes[-1].drafted == min(5, 13 - before_last - 1)
+        if target == "random_target":  # every draft accepted: the last pass verified 4 drafts past the end
+            assert before_last == 12 and passes[-1].accepted == (5 if steady else 0)
+        # the next reply goes on from the cut cache
+        more, _, _ = run(spec, GREEDY, 27, fixed_k=5, prompt=prompt + got)
+        assert got + more == want

@@ -21,6 +21,7 @@ class PassProfile:
     passes: int = 0
     tokens: int = 0
     wall: float = 0.0  # seconds inside Generator.steps passes, all phases and Python included
+    trace: list[tuple[int, float]] = field(default_factory=list)  # (drafts or -1 for a probe, seconds) per pass
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] += seconds

@@ -37,6 +37,7 @@ class Step:
     n_from_draft: int
     drafted: int
     stop: bool  # an end-of-generation token was produced (it is not in `tokens`)
+    accepted: int = 0  # drafts the target accepted, also those past the reply's end (not emitted)
 
 
 @dataclass(slots=True)
@@ -242,7 +243,8 @@ class Generator:
 
     def __init__(self, target: Model, context: Context, drafter: Drafter | None = None,
                  draft_max: int = DRAFT_MAX, draft_min: int = 0, adaptive: bool = True,
-                 device_sampling: bool | None = None, lookahead: bool | None = None) -> None:
+                 device_sampling: bool | None = None, lookahead: bool | None = None,
+                 steady_shape: bool | None = None) -> None:
         self.target = target
         self.context = context
         self.drafter = drafter
@@ -261,6 +263,12 @@ class Generator:
         self.device_sampling = target.offloaded if device_sampling is None else device_sampling
         self.lookahead = target.offloaded if lookahead is None else lookahead
         self.lookahead_tokens = 0  # drafted during verifies (for benchmarks)
+        # On a GPU a verify batch of a new size costs a graph rebuild and, for the next pass, a CUDA
+        # graph capture (ggml-cuda replays a graph only after two calls of one shape): near a reply's
+        # end a pass keeps the previous pass's draft length, and the drafts verified past the end
+        # are not emitted. On a CPU every verified token costs; there the last pass is cut short.
+        self.steady_shape = target.offloaded if steady_shape is None else steady_shape
+        self._last_k = -1  # the previous pass's draft length (-1: none since the prefill)
         # Recurrent targets cut their state back through snapshots (n_rs_seq); a checkpoint of the
         # recurrent state taken after each prefill lets the next turn reuse the prefix anyway.
         self._recurrent = target.is_recurrent or target.is_hybrid
@@ -297,6 +305,7 @@ class Generator:
         self.finish_reason = "length"
         on_device = self.device_sampling and sampling.argmax_only
         ctx.sample_on_device(on_device)
+        self._last_k = -1  # the prefill decoded a batch of another size
         if self.drafter is not None:
             self.drafter.sample_on_device(on_device)
             self.drafter.begin(history)
@@ -306,27 +315,32 @@ class Generator:
             if room < 0:
                 self.finish_reason = "context"
                 return
-            limit = min(room, max_tokens - emitted - 1, ctx.n_batch - 1)  # one verify batch
+            need = max_tokens - emitted  # tokens this reply may still emit
+            limit = min(room, ctx.n_batch - 1)  # one verify batch
             if self.drafter is None or limit <= 0:
                 k = 0
             elif fixed_k is not None:
                 k = min(fixed_k, limit)
             else:
                 k = self.controller.choose(limit)
-            if self.drafter is not None and k > 0 and fixed_k is None and self.controller.probing \
-                    and sampling.argmax_only:
+            if k > need - 1 and not (self.steady_shape and k == self._last_k):
+                k = max(0, need - 1)  # only a warm batch shape is worth verifying drafts past the end
+            shadow = (self.drafter is not None and k > 0 and fixed_k is None and self.controller.probing
+                      and sampling.argmax_only)
+            if shadow:
                 step = self._shadow_probe(history, k, sampling, rng)
+                self._last_k = 0  # the target decoded one token
             else:
-                step = self._pass(history, k, sampling, rng)
-            if len(step.tokens) > max_tokens - emitted:
-                step.tokens = step.tokens[:max_tokens - emitted]
-                step.n_from_draft = min(step.n_from_draft, len(step.tokens))
+                step = self._pass(history, k, sampling, rng, need)
+                self._last_k = k
             history.extend(step.tokens)
             emitted += len(step.tokens)
             if profile.ACTIVE is not None:
                 profile.ACTIVE.passes += 1
                 profile.ACTIVE.tokens += len(step.tokens)
-                profile.ACTIVE.wall += time.perf_counter() - pass_started
+                seconds = time.perf_counter() - pass_started
+                profile.ACTIVE.wall += seconds
+                profile.ACTIVE.trace.append((-1 if shadow else step.drafted, seconds))
             yield step
             if step.stop:
                 self.finish_reason = "stop"
@@ -334,15 +348,18 @@ class Generator:
         if cancel.is_set():
             self.finish_reason = "cancelled"
 
-    def _pass(self, history: list[int], k: int, sampling: Sampling, rng: np.random.Generator) -> Step:
-        """Draft k tokens (none when k is 0), verify them, tell the controller what it cost."""
+    def _pass(self, history: list[int], k: int, sampling: Sampling, rng: np.random.Generator,
+              cap: int | None = None) -> Step:
+        """Draft k tokens (none when k is 0), verify them, emit at most `cap` tokens, tell the
+        controller what it cost."""
         proposal = self.drafter.propose(history, k, sampling, rng) if (self.drafter and k > 0) else None
         drafts = proposal.tokens[:k] if proposal else []
         ahead = (self.lookahead and self.drafter is not None and bool(drafts)
                  and self.drafter.start_lookahead(self.controller.draft_max + 1))
         joined = 0.0
         try:
-            step, verify_seconds = self._verify(history, drafts, proposal.dists if proposal else [], sampling, rng)
+            step, verify_seconds = self._verify(history, drafts, proposal.dists if proposal else [], sampling, rng,
+                                                cap)
         finally:
             if ahead and self.drafter is not None:
                 waited = time.perf_counter()
@@ -351,7 +368,7 @@ class Generator:
         verify_seconds += joined  # the draft step that ran past the verify is part of the pass
         if self.adaptive and self.drafter is not None:
             if proposal is not None and drafts:
-                self.controller.observe(len(drafts), step.n_from_draft, proposal.seconds, verify_seconds,
+                self.controller.observe(len(drafts), step.accepted, proposal.seconds, verify_seconds,
                                         proposal.overhead_seconds, proposal.caught_up)
             else:
                 if proposal is not None and self.drafter.kind == "ngram":  # a miss costs nothing
@@ -392,8 +409,9 @@ class Generator:
         return step
 
     def _verify(self, history: list[int], drafts: list[int], dists: Sequence[Distribution | None],
-                sampling: Sampling, rng: np.random.Generator) -> tuple[Step, float]:
-        """Evaluate [last, *drafts] on the target, accept a prefix, cut the cache back."""
+                sampling: Sampling, rng: np.random.Generator, cap: int | None = None) -> tuple[Step, float]:
+        """Evaluate [last, *drafts] on the target, accept a prefix, keep at most `cap` tokens of it
+        (a reply's end), cut the cache back to what is kept."""
         ctx = self.context
         started = time.perf_counter()
         n_before = ctx.n_past
@@ -442,6 +460,10 @@ class Generator:
                 break
             accepted += 1
         t = profile.add("verify.accept", t)
+        verified = accepted  # what the drafter earned, also past the cap
+        if cap is not None and len(out) > cap:  # drafts verified past the reply's end are not emitted
+            out = out[:cap]
+            accepted = len(out) - 1
         # keep [last, accepted drafts] in the cache; the final token of `out` is the new pending one
         n_keep = n_before + 1 + accepted
         if ctx.n_past > n_keep and not ctx.truncate(n_keep):
@@ -462,4 +484,5 @@ class Generator:
                 stop = True
                 break
         n_from_draft = min(accepted, len(out))
-        return Step(tokens=out, n_from_draft=n_from_draft, drafted=len(drafts), stop=stop), verify_seconds
+        return Step(tokens=out, n_from_draft=n_from_draft, drafted=len(drafts), stop=stop,
+                    accepted=verified), verify_seconds
