@@ -67,7 +67,7 @@ def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None
             clock.tokens_emitted(len(step.tokens))
             out += step.tokens
             drafted += step.drafted
-            accepted += step.n_from_draft
+            accepted += step.accepted  # verified, also past the reply's end (a padded last pass)
             passes += 1
             ks.append(step.drafted)
     return {"tokens": out, "n": len(out), "decode_tps": clock.decode_tps, "drafted": drafted, "accepted": accepted,
@@ -128,7 +128,7 @@ def main() -> None:
                     help="comma list; also time plain and the largest adaptive mode with: host = every row's logits "
                          "copied to the host and the argmax taken there (default: on the device); serial = no "
                          "drafting ahead while the target verifies (default: ahead where the target is on a GPU); "
-                         "warm = the controller after one whole reply (default: after 8 tokens); cut = the last "
+                         "cold = a new controller, warm = the controller after one whole reply (default: after 8 tokens); cut = the last "
                          "pass cut short at the reply's end (default on a GPU: it keeps its batch shape)")
     ap.add_argument("--profile", action="store_true", help="print where each pass's time goes")
     ap.add_argument("--json-out")
@@ -150,11 +150,15 @@ def main() -> None:
     report: dict[str, Any] = {"target": args.target, "tokens": args.tokens, "repeat": args.repeat, "drafts": {}}
 
     variants = [v for v in args.variants.split(",") if v]
-    if any(v not in ("host", "serial", "diag", "warm", "cut") for v in variants):
-        ap.error(f"--variants: expected host, serial, diag, warm, cut, got {args.variants!r}")
+    if any(v not in ("host", "serial", "diag", "cold", "warm", "cut") for v in variants):
+        ap.error(f"--variants: expected host, serial, diag, cold, warm, cut, got {args.variants!r}")
     # None: the engine's default (argmax on the device where the target is on a GPU); False: on the host
-    plain_gens: dict[bool | None, Generator] = {None: Generator(target, ctx, None),
-                                                False: Generator(target, ctx, None, device_sampling=False)}
+    # Plain decoding in a context of its own without the recurrent-state snapshots (each decode of a
+    # context with n_rs_seq snapshots writes them, 10% of a step on the H200): what a user without a
+    # draft gets. "k=0 (drafter attached)" (--variants diag) is plain in the speculative context.
+    plain_ctx = Context(target, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads) if rs_seq else ctx
+    plain_gens: dict[bool | None, Generator] = {None: Generator(target, plain_ctx, None),
+                                                False: Generator(target, plain_ctx, None, device_sampling=False)}
     for name_path in args.draft or []:
         name, _, path = name_path.partition("=")
         if path == "ngram":
@@ -172,6 +176,8 @@ def main() -> None:
         modes: list[Mode] = [("plain", 0, 0, {}, 0)]
         modes += [(f"k={k}", k, k, {}, 8) for k in ks]
         modes += [(f"adaptive(max {m})", None, m, {}, 8) for m in draft_maxes]
+        if "cold" in variants:  # a new controller: a session's first reply, or `beechat ask`
+            modes += [(f"adaptive(max {m})/cold", None, m, {}, 0) for m in big]
         if "warm" in variants:  # the controller after a whole reply, as in a chat's later replies
             modes += [(f"adaptive(max {m})/warm", None, m, {}, args.tokens) for m in big]
         if "cut" in variants:  # the last pass cut short at the reply's end (a new batch shape)
@@ -196,7 +202,8 @@ def main() -> None:
                     gen = plain_gens[kwargs.get("device_sampling")]
                 else:
                     gen = Generator(target, ctx, drafter, draft_max=draft_max, **kwargs)
-                    generate(gen, prompt, warm, fixed_k)  # warm the batch shape / controller
+                    if warm:
+                        generate(gen, prompt, warm, fixed_k)  # warm the batch shape / controller
                 runs[label].append(generate(gen, prompt, args.tokens, fixed_k))
         reference = runs["plain"][0]["tokens"]
         gaps = top2_gaps(target, ctx, prompt, reference)

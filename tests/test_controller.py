@@ -142,3 +142,28 @@ def test_keeps_its_draft_length_unless_a_change_clearly_pays() -> None:
                                caught_up=accepted + 1)
         changes.append(n_changes)
     assert np.mean(changes) <= 6  # learning (plain, probes) and a climb or two
+
+
+def test_probes_beside_plain_passes_start_with_the_first_pass() -> None:
+    # greedy replies probe in the shadow of plain passes, so probing need not wait for the plain
+    # step's cost: a good draft drafts from the fourth pass (three probes while the plain step is
+    # timed), a useless one never makes the target verify a draft
+    for acceptance, drafts in ((1.0, True), (0.0, False)):
+        world, rng = World(acceptance=acceptance), np.random.default_rng(7)
+        controller = DraftController(draft_max=32, shadow_probes=True)
+        ks = []
+        for _ in range(40):
+            k = controller.choose(32)
+            if controller.probing:
+                controller.observe_probe(rng.random() < world.acceptance, world.step_seconds * world.draft)
+                controller.observe(0, 0, 0.0, world.verify(1))
+                ks.append(-1)
+                continue
+            accepted = 0
+            while accepted < k and rng.random() < world.acceptance:
+                accepted += 1
+            controller.observe(k, accepted, world.step_seconds * world.draft * k if k else 0.0, world.verify(k + 1))
+            ks.append(k)
+        assert ks[:3] == [-1, -1, -1]
+        assert (ks[3] > 0) == drafts
+        assert drafts or max(ks) <= 0

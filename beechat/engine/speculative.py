@@ -50,8 +50,8 @@ class DraftController:
     drafted token, c_verify(n) the target's pass over n tokens (an EMA per batch size, the first
     run of each size dropped because it builds graphs; sizes not yet seen are interpolated or
     extrapolated). Acceptance is the geometric-model estimate accepted / tested, decayed so it
-    follows the text. It starts by timing plain steps and probing (one draft token, tested LEARN_PROBES times),
-    then optimises, with a verify cost per extra token assumed from a prior until measured; when no
+    follows the text. It starts by timing plain steps and probing (one draft token, tested LEARN_PROBES
+    times; where probes run beside plain passes, from the first pass on), then optimises, with a verify cost per extra token assumed from a prior until measured; when no
     k > 0 beats plain decoding by MARGIN it stops drafting and probes now and then, backing off
     while probes keep failing. A drafter that finds nothing to propose (an n-gram miss) has not
     failed a probe: it is asked again on the next pass.
@@ -82,6 +82,7 @@ class DraftController:
     _last_n: int = 0  # the previous pass's verify batch size
     _same_n: int = 0  # passes in a row with that size
     probe_cost: float = 0.0  # seconds the latest probe cost beyond a plain step (drafting, catch-up included)
+    shadow_probes: bool = False  # the Generator runs probes beside plain passes (greedy replies)
 
     MIN_PROBE, MAX_PROBE = 16, 256
     PROBE_BUDGET = 0.02  # probes cost at most this share of the time while drafting is off
@@ -189,16 +190,21 @@ class DraftController:
         return tokens / cost if cost > 0 else None
 
     def choose(self, limit: int) -> int:
-        return min(limit, max(self._choose(limit), self.draft_min))
+        k = self._choose(limit)
+        if k < self.draft_min:  # draft_min drafts are verified for real, never a probe beside a plain pass
+            k, self._probing = self.draft_min, False
+        return min(limit, k)
 
     def _choose(self, limit: int) -> int:
         limit = min(limit, self.draft_max)
         if limit <= 0:
             return 0
-        if 1 not in self.verify_cost:
+        if 1 not in self.verify_cost and not self.shadow_probes:
             return 0  # first time plain steps: the baseline every draft must beat
-        if self.learning:
-            self._probing = True  # then probes: acceptance and the draft's cost
+        if self.learning or 1 not in self.verify_cost:
+            # probes for acceptance and the draft's cost; beside plain passes they go from the start,
+            # while those passes time the baseline
+            self._probing = True
             return min(limit, self.PROBE_K)
         if self._stale or self._last_choice > 0:  # while drafting is off only probes change anything
             # drafting must beat plain by a margin: the estimates are noisy and a wrong "yes" costs more
@@ -309,6 +315,7 @@ class Generator:
         if self.drafter is not None:
             self.drafter.sample_on_device(on_device)
             self.drafter.begin(history)
+        self.controller.shadow_probes = sampling.argmax_only and fixed_k is None
         while emitted < max_tokens and not cancel.is_set():
             pass_started = time.perf_counter()
             room = ctx.n_ctx - ctx.n_past - 1  # positions left after `last`
