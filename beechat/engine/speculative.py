@@ -51,8 +51,8 @@ class DraftController:
     run of each size dropped because it builds graphs; sizes not yet seen are interpolated or
     extrapolated). Acceptance is the geometric-model estimate accepted / tested, decayed so it
     follows the text. It starts by timing plain steps and probing (one draft token, tested LEARN_PROBES
-    times; where probes run beside plain passes, from the first pass on), then optimises, with a verify cost per extra token assumed from a prior until measured; when no
-    k > 0 beats plain decoding by MARGIN it stops drafting and probes now and then, backing off
+    times; where probes run beside plain passes, from the first pass on), then optimises, with a
+    verify cost per extra token assumed from a prior until measured; when no k > 0 beats plain decoding by MARGIN it stops drafting and probes now and then, backing off
     while probes keep failing. A drafter that finds nothing to propose (an n-gram miss) has not
     failed a probe: it is asked again on the next pass.
 
