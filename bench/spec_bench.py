@@ -128,9 +128,9 @@ def main() -> None:
                     help="comma list; also time plain and the largest adaptive mode with: host = every row's logits "
                          "copied to the host and the argmax taken there (default: on the device); serial = no "
                          "drafting ahead while the target verifies (default: ahead where the target is on a GPU); "
-                         "cold = a new controller, warm = the controller after one whole reply (default: after 8 tokens); "
-                         "cut = the last "
-                         "pass cut short at the reply's end (default on a GPU: it keeps its batch shape)")
+                         "cold = a new controller, warm = the controller after one whole reply (default: after 8 "
+                         "tokens); cut = the last pass cut short at the reply's end (default on a GPU: it keeps its "
+                         "batch shape)")
     ap.add_argument("--profile", action="store_true", help="print where each pass's time goes")
     ap.add_argument("--json-out")
     args = ap.parse_args()

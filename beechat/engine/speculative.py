@@ -50,10 +50,11 @@ class DraftController:
     drafted token, c_verify(n) the target's pass over n tokens (an EMA per batch size, the first
     run of each size dropped because it builds graphs; sizes not yet seen are interpolated or
     extrapolated). Acceptance is the geometric-model estimate accepted / tested, decayed so it
-    follows the text. It starts by timing plain steps and probing (one draft token, tested LEARN_PROBES
-    times; where probes run beside plain passes, from the first pass on), then optimises, with a
-    verify cost per extra token assumed from a prior until measured; when no k > 0 beats plain decoding by MARGIN it stops drafting and probes now and then, backing off
-    while probes keep failing. A drafter that finds nothing to propose (an n-gram miss) has not
+    follows the text. It starts by timing plain steps and probing (one draft token, tested
+    LEARN_PROBES times; where probes run beside plain passes, from the first pass on), then
+    optimises, with a verify cost per extra token assumed from a prior until measured; when no k > 0
+    beats plain decoding by MARGIN it stops drafting and probes now and then, backing off while
+    probes keep failing. A drafter that finds nothing to propose (an n-gram miss) has not
     failed a probe: it is asked again on the next pass.
 
     A greedy Generator runs a probe in the shadow of a plain pass (`observe_probe`): the drafter's
