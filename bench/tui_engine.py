@@ -2,10 +2,13 @@
 
 For each profile (plain, then speculative) it runs, turn by turn and alternating, `beechat ask --json`
 in its own process and the real app headless (Textual's run_test, driven as a user drives it: a
-new conversation, the prompt, Enter), same profile, prompt and reply length, greedy. Each reply's
-decode rate is the engine's own record (Stats.decode_tps: all the reply's tokens over all the time
-since its prompt was in the cache); the per-profile figure is all those tokens over all that time,
-the same clock for both. The app uses whatever backend it builds for the profile (in-process or an
+new conversation, the prompt, Enter), same profile, prompts and reply length, greedy; each turn
+varies the prompt (the TUI's engine stays loaded, and its draft model would otherwise hold the
+previous identical reply in its chain). Each reply's decode rate is the engine's own record
+(Stats.decode_tps: all the reply's tokens over all the time since its prompt was in the cache); the
+per-profile figure is all those tokens over all that time, the same clock for both. Turn 1 compares
+two new engines; later turns compare the TUI's warm engine (its draft controller has learnt) with a
+new `ask` process. The app uses whatever backend it builds for the profile (in-process or an
 engine process): the bench measures what users get.
 
 CPU (the demo model; both profiles pinned to one llama.cpp thread):
@@ -92,6 +95,9 @@ class ProfileResult:
         for turn, (a, t) in enumerate(zip(self.ask, self.tui, strict=True), 1):
             lines.append(f"  turn {turn}: ask {fmt(a.decode_tps)} ({a.tokens} tok, {a.finish_reason})   "
                          f"TUI {fmt(t.decode_tps)} ({t.tokens} tok, {t.finish_reason})")
+        if self.ask and self.tui and self.ask[0].decode_tps and self.tui[0].decode_tps:
+            lines.append(f"  turn 1 (a new engine on both sides): TUI/ask "
+                         f"{self.tui[0].decode_tps / self.ask[0].decode_tps:.3f}")
         ratio = self.ratio
         lines.append(f"  all turns: ask {fmt(self.rate(self.ask))}  TUI {fmt(self.rate(self.tui))}  "
                      f"TUI/ask {ratio:.3f}" if ratio is not None else "  all turns: no decode rate")
@@ -129,10 +135,17 @@ def write_config(path: Path, args: argparse.Namespace) -> list[str]:
     return [plain, spec] if (not args.target or args.draft) else [plain]
 
 
-def run_ask(config: Path, profile: str, args: argparse.Namespace, env: dict[str, str], db: Path) -> Reply:
+def turn_prompt(args: argparse.Namespace, turn: int) -> str:
+    """The prompt of a turn (from 0): each turn asks something else, so an engine that stays loaded
+    across turns (the TUI's) does not get the previous identical reply from its draft model's chain."""
+    return args.prompt if turn == 0 else f"{args.prompt} (Part {turn + 1}.)"
+
+
+def run_ask(config: Path, profile: str, args: argparse.Namespace, env: dict[str, str], db: Path,
+            turn: int) -> Reply:
     """`beechat ask --json` in its own process; the full stats come from the conversation it saved."""
     command = [sys.executable, "-m", "beechat", "--config", str(config), "ask", "--json", "--model", profile,
-               "--max-tokens", str(args.max_tokens), "--temperature", "0", args.prompt]
+               "--max-tokens", str(args.max_tokens), "--temperature", "0", turn_prompt(args, turn)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=REPLY_TIMEOUT_S)
     if result.returncode != 0:
         raise SystemExit(f"beechat ask failed ({result.returncode}): {result.stderr.strip()[-500:]}")
@@ -161,11 +174,11 @@ async def run_profile(config_path: Path, profile: str, args: argparse.Namespace,
                 await pilot.pause(0.1)
             if app.backend is None:
                 raise SystemExit(f"{profile}: the app could not load the model: {app.load_error}")
-            for _ in range(args.turns):
-                result.ask.append(await asyncio.to_thread(run_ask, config_path, profile, args, env, db))
+            for turn in range(args.turns):
+                result.ask.append(await asyncio.to_thread(run_ask, config_path, profile, args, env, db, turn))
                 await pilot.press("ctrl+n")  # a new conversation: the same prompt as `ask`
                 prompt = app.query_one(PromptInput)
-                prompt.load_text(args.prompt)
+                prompt.load_text(turn_prompt(args, turn))
                 await pilot.press("enter")
                 deadline = time.monotonic() + REPLY_TIMEOUT_S
                 while not app.query_one(ChatView).replies or app.generating:

@@ -224,3 +224,19 @@ def test_the_last_pass_keeps_its_batch_shape(tiny_models: dict[str, Path], targe
         # the next reply goes on from the cut cache
         more, _, _ = run(spec, GREEDY, 27, fixed_k=5, prompt=prompt + got)
         assert got + more == want
+
+
+@pytest.mark.parametrize("target,draft,n_rs_seq", [("random_target", "random_draft", 0), ("hybrid", "hybrid_draft", 6)])
+def test_a_warm_up_leaves_nothing_behind(tiny_models: dict[str, Path], target: str, draft: str, n_rs_seq: int) -> None:
+    """ChatEngine warms a GPU engine up at load (one-time costs out of the first reply): the decodes
+    leave both caches empty and the first reply exact."""
+    want, _, _ = run(generator(tiny_models[target], device=False), GREEDY, 24)
+    spec = generator(tiny_models[target], tiny_models[draft], device=True, n_rs_seq=n_rs_seq, lookahead=True)
+    spec.warm_up()
+    assert spec.context.n_past == 0 and spec.context.tokens == []
+    assert isinstance(spec.drafter, DraftModelDrafter) and spec.drafter.context.tokens == []
+    prompt = spec.target.tokenize(TEXT)
+    spec.prefill(prompt)
+    got = [t for step in spec.steps(prompt, GREEDY, 24, threading.Event(), np.random.default_rng(1))
+           for t in step.tokens]
+    assert got == want

@@ -148,6 +148,8 @@ class ChatEngine:
                                                     n_threads=settings.n_threads)
             self.generator = Generator(self.model, self.context, drafter, draft_max=settings.draft_max,
                                        draft_min=settings.draft_min)
+            if self.model.offloaded:  # a GPU's one-time costs at load, not in the first reply
+                self.generator.warm_up()
             self.drafter = drafter
             self.template = ChatTemplate(
                 self.model.chat_template(),

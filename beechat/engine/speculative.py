@@ -282,6 +282,27 @@ class Generator:
         self._turn_checkpoint: SavedState | None = None
         self.finish_reason = "length"
 
+    def warm_up(self) -> None:
+        """Decode once in the shapes a reply starts with (one token; a verify batch of draft_max + 1;
+        the draft model's one token) and forget it. A new process's first decodes pay one-time costs
+        (CUDA loads kernels on first use, buffers grow) that would otherwise land in the first reply;
+        llama.cpp's tools make the same warm-up decode at start. Call it before the first reply; the
+        caches are left empty."""
+        token = max(self.target.bos, 0)
+        ctx = self.context
+        ctx.clear()
+        ctx.decode([token])
+        n = min(self.controller.draft_max + 1, ctx.n_batch, ctx.n_ctx)
+        if n > 1:
+            ctx.decode([token] * (n - 1), all_logits=True)
+        ctx.clear()
+        self._turn_checkpoint = None
+        if isinstance(self.drafter, DraftModelDrafter):
+            self.drafter.context.clear()
+            self.drafter.context.decode([token])
+            self.drafter.context.clear()
+            self.drafter.forget_chain()
+
     # -- prefill -------------------------------------------------------------------------------
     def prefill(self, prompt: Sequence[int], cancel: threading.Event | None = None) -> int:
         """Make the cache hold prompt[:-1], reusing the common prefix. Returns tokens evaluated."""
