@@ -207,6 +207,9 @@ class _Playback:
             yield Notice(notice)
         yield self._snapshot()
         start = time.perf_counter()
+        # the engine's clock (all tokens over all decode time): a token is never emitted before its
+        # due time, so no rate runs above tokens_per_second even when a loaded machine wakes late
+        self.clock.decode_started()
         position = 0
         while position < len(self.tokens):
             room = min(self.max_tokens, backend.fail_after_tokens or self.max_tokens) - len(self.emitted)
