@@ -43,14 +43,16 @@ PROMPT = ("Write a detailed explanation of how speculative decoding works in lar
           "with an example in Python code and a discussion of acceptance rates.")
 
 
-def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None) -> dict[str, Any]:
+def generate(gen: Generator, prompt: list[int], tokens: int, fixed_k: int | None,
+             predraft: bool = True) -> dict[str, Any]:
     """One greedy reply; decode rate on the engine's clock (DecodeClock: all tokens over all the
     time since the prompt was in the cache, the first pass included)."""
     gen.context.clear()
     if isinstance(gen.drafter, DraftModelDrafter):
         gen.drafter.forget_chain()  # the same prompt again: its last reply must not be free drafts
     ahead_before = gen.lookahead_tokens
-    gen.prefill(prompt)
+    # as ChatEngine does: given the reply's sampling, a draft model drafts its first chain beside the prefill
+    gen.prefill(prompt, sampling=GREEDY if predraft else None, fixed_k=fixed_k)
     llama_cpp.llama_perf_context_reset(gen.context.ptr)
     out: list[int] = []
     drafted = accepted = passes = 0
@@ -130,7 +132,7 @@ def main() -> None:
                          "drafting ahead while the target verifies (default: ahead where the target is on a GPU); "
                          "cold = a new controller, warm = the controller after one whole reply (default: after 8 "
                          "tokens); cut = the last pass cut short at the reply's end (default on a GPU: it keeps its "
-                         "batch shape)")
+                         "batch shape); nopre = no drafting beside the prefill (default: where drafting ahead)")
     ap.add_argument("--profile", action="store_true", help="print where each pass's time goes")
     ap.add_argument("--json-out")
     args = ap.parse_args()
@@ -151,8 +153,8 @@ def main() -> None:
     report: dict[str, Any] = {"target": args.target, "tokens": args.tokens, "repeat": args.repeat, "drafts": {}}
 
     variants = [v for v in args.variants.split(",") if v]
-    if any(v not in ("host", "serial", "diag", "cold", "warm", "cut") for v in variants):
-        ap.error(f"--variants: expected host, serial, diag, cold, warm, cut, got {args.variants!r}")
+    if any(v not in ("host", "serial", "diag", "cold", "warm", "cut", "nopre") for v in variants):
+        ap.error(f"--variants: expected host, serial, diag, cold, warm, cut, nopre, got {args.variants!r}")
     # None: the engine's default (argmax on the device where the target is on a GPU); False: on the host
     # Plain decoding in a context of its own without the recurrent-state snapshots (each decode of a
     # context with n_rs_seq snapshots writes them, 10% of a step on the H200): what a user without a
@@ -181,6 +183,8 @@ def main() -> None:
             modes += [(f"adaptive(max {m})/cold", None, m, {}, 0) for m in big]
         if "warm" in variants:  # the controller after a whole reply, as in a chat's later replies
             modes += [(f"adaptive(max {m})/warm", None, m, {}, args.tokens) for m in big]
+        if "nopre" in variants:  # no drafting beside the prefill: the first pass drafts from scratch
+            modes += [(f"adaptive(max {m})/nopre", None, m, {"predraft": False}, 8) for m in big]
         if "cut" in variants:  # the last pass cut short at the reply's end (a new batch shape)
             modes += [(f"adaptive(max {m})/cut", None, m, {"steady_shape": False}, 8) for m in big]
         if "host" in variants:
@@ -202,10 +206,11 @@ def main() -> None:
                 if label.startswith("plain"):
                     gen = plain_gens[kwargs.get("device_sampling")]
                 else:
-                    gen = Generator(target, ctx, drafter, draft_max=draft_max, **kwargs)
+                    gen = Generator(target, ctx, drafter, draft_max=draft_max,
+                                    **{k: v for k, v in kwargs.items() if k != "predraft"})
                     if warm:
                         generate(gen, prompt, warm, fixed_k)  # warm the batch shape / controller
-                runs[label].append(generate(gen, prompt, args.tokens, fixed_k))
+                runs[label].append(generate(gen, prompt, args.tokens, fixed_k, kwargs.get("predraft", True)))
         reference = runs["plain"][0]["tokens"]
         gaps = top2_gaps(target, ctx, prompt, reference)
         plain_tps = statistics.median(r["decode_tps"] for r in runs["plain"])

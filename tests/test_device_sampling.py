@@ -240,3 +240,31 @@ def test_a_warm_up_leaves_nothing_behind(tiny_models: dict[str, Path], target: s
     got = [t for step in spec.steps(prompt, GREEDY, 24, threading.Event(), np.random.default_rng(1))
            for t in step.tokens]
     assert got == want
+
+
+@pytest.mark.parametrize("target,draft,n_rs_seq", [
+    ("random_target", "random_draft", 0),
+    ("bigram_target", "other_draft", 0),  # the chain is wrong at once
+    ("hybrid", "hybrid_draft", 6),  # a recurrent draft drafts on its branch
+])
+def test_the_draft_drafts_beside_the_prefill(tiny_models: dict[str, Path], target: str, draft: str,
+                                            n_rs_seq: int) -> None:
+    """Given the reply's sampling, prefill lets a draft model that drafts ahead catch up on the prompt
+    and draft its first chain in a thread meanwhile; the first pass starts from it. Output stays
+    exact, reply after reply (the second reuses the cache's prefix), and a sampled reply gets no chain."""
+    want, _, _ = run(generator(tiny_models[target], device=False), GREEDY, 30)
+    spec = generator(tiny_models[target], tiny_models[draft], device=True, n_rs_seq=n_rs_seq, lookahead=True)
+    drafter = spec.drafter
+    assert isinstance(drafter, DraftModelDrafter)
+    prompt = spec.target.tokenize(TEXT)
+    for _ in range(2):
+        spec.context.clear()
+        spec.prefill(prompt, sampling=GREEDY, fixed_k=4)
+        chain = drafter._chain_after(prompt)
+        assert chain is not None and len(chain) >= 1  # at least the first draft is ready
+        assert drafter.context.tokens[:len(prompt) - 1] == prompt[:-1]  # it caught up on the prompt
+        got = [t for step in spec.steps(prompt, GREEDY, 30, threading.Event(), np.random.default_rng(1), 4)
+               for t in step.tokens]
+        assert got == want
+    spec.prefill(prompt, sampling=Sampling(temperature=0.8), fixed_k=4)
+    assert not spec._predrafted

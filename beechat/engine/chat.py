@@ -347,7 +347,7 @@ class ChatEngine:
         error: str | None = None
         try:
             started = time.perf_counter()
-            evaluated = self.generator.prefill(prompt, cancel)
+            evaluated = self.generator.prefill(prompt, cancel, sampling, fixed_k)
             prefill_s = time.perf_counter() - started
             # the last prompt token is evaluated by the first pass; count it as prefill
             stats.prefill_tokens = evaluated + 1
@@ -363,7 +363,7 @@ class ChatEngine:
             for step in self.generator.steps(prompt, sampling, max_tokens, cancel, rng, fixed_k=fixed_k):
                 if speculating and step.drafted:
                     stats.drafted = (stats.drafted or 0) + step.drafted
-                    stats.accepted = (stats.accepted or 0) + step.n_from_draft
+                    stats.accepted = (stats.accepted or 0) + step.accepted  # verified, also past the end
                     stats.passes = (stats.passes or 0) + 1
                 if speculating:
                     stats.draft_len = step.drafted

@@ -17,6 +17,8 @@ from beechat.engine import profile
 from beechat.engine.llama import Context, Logits, Model, SavedState
 from beechat.engine.sampling import Distribution, draft_token
 
+GREEDY_DRAFT = Sampling(temperature=0.0, repeat_penalty=1.0)  # what a chain is drafted with
+
 
 @dataclass(slots=True)
 class Proposal:
@@ -317,6 +319,23 @@ class DraftModelDrafter:
             return self.propose(window, n, sampling, rng)
         finally:
             self._new_turn, self._stable = new_turn, 0
+
+    def predraft(self, history: Sequence[int], limit: int, stop: threading.Event) -> None:
+        """Greedy: catch up on `history` and draft after it, up to `limit` tokens or until `stop`;
+        run in a thread while the target evaluates the prompt, so the first pass starts from a chain
+        as later passes do (the draft's kernels ride on the prefill's GPU time, as lookahead's ride
+        on the verifies'). Checks `stop` between tokens: a join waits for one draft step at most."""
+        try:
+            self.begin(history)
+            if stop.is_set() or not self.propose(history, 1, GREEDY_DRAFT, np.random.default_rng(0)).tokens:
+                return
+            room = self.context.n_ctx - 1 - self._live_len()
+            for _ in range(min(limit - 1, room)):
+                if stop.is_set() or self._next is None or self.model.is_eog(self._next):
+                    break
+                self._step()
+        except Exception:  # the chain is unusable: the first pass syncs from the history
+            self._next = None
 
     def start_lookahead(self, limit: int) -> bool:
         if self._next is None or self._ahead is not None or limit <= 0:

@@ -103,6 +103,11 @@ class DraftController:
         return self.draft_cost is None or self._probes < self.LEARN_PROBES
 
     @property
+    def drafting(self) -> int:
+        """The draft length chosen last while drafting pays; 0 while learning or not drafting."""
+        return 0 if self.learning else self._last_choice
+
+    @property
     def probing(self) -> bool:
         """The last choice was a probe (the Generator may run it in the shadow of a plain pass)."""
         return self._probing
@@ -276,6 +281,7 @@ class Generator:
         # are not emitted. On a CPU every verified token costs; there the last pass is cut short.
         self.steady_shape = target.offloaded if steady_shape is None else steady_shape
         self._last_k = -1  # the previous pass's draft length (-1: none since the prefill)
+        self._predrafted = False  # the drafter began this reply during the prefill
         # Recurrent targets cut their state back through snapshots (n_rs_seq); a checkpoint of the
         # recurrent state taken after each prefill lets the next turn reuse the prefix anyway.
         self._recurrent = target.is_recurrent or target.is_hybrid
@@ -304,21 +310,48 @@ class Generator:
             self.drafter.forget_chain()
 
     # -- prefill -------------------------------------------------------------------------------
-    def prefill(self, prompt: Sequence[int], cancel: threading.Event | None = None) -> int:
-        """Make the cache hold prompt[:-1], reusing the common prefix. Returns tokens evaluated."""
+    def prefill(self, prompt: Sequence[int], cancel: threading.Event | None = None,
+                sampling: Sampling | None = None, fixed_k: int | None = None) -> int:
+        """Make the cache hold prompt[:-1], reusing the common prefix. Returns tokens evaluated.
+        Given the reply's sampling (and fixed_k, as steps will get it), a draft model that drafts
+        ahead catches up on the prompt and drafts its first chain meanwhile (predraft)."""
         ctx = self.context
         want = len(prompt) - 1
         ctx.rewind(min(common_prefix(ctx.tokens, prompt), want), self._turn_checkpoint)
         reused = ctx.n_past
-        # evaluate in n_batch chunks so a stop request lands between chunks
-        while ctx.n_past < want:
-            if cancel is not None and cancel.is_set():
-                break
-            end = min(want, ctx.n_past + ctx.n_batch)
-            ctx.decode(prompt[ctx.n_past:end])
+        stop = threading.Event()
+        beside = self._start_predraft(prompt, sampling, fixed_k, stop)
+        self._predrafted = beside is not None  # then steps must not begin the drafter's reply again
+        try:
+            # evaluate in n_batch chunks so a stop request lands between chunks
+            while ctx.n_past < want:
+                if cancel is not None and cancel.is_set():
+                    break
+                end = min(want, ctx.n_past + ctx.n_batch)
+                ctx.decode(prompt[ctx.n_past:end])
+        finally:
+            if beside is not None:
+                stop.set()
+                beside.join()
         if self._recurrent and ctx.n_past == want and want > 0:
             self._turn_checkpoint = ctx.save_partial_state()
         return ctx.n_past - reused
+
+    def _start_predraft(self, prompt: Sequence[int], sampling: Sampling | None, fixed_k: int | None,
+                        stop: threading.Event) -> threading.Thread | None:
+        """Start DraftModelDrafter.predraft beside the prefill when the first pass will draft (or probe)
+        from a chain: greedy without penalties, drafting ahead on."""
+        drafter = self.drafter
+        if not (self.lookahead and isinstance(drafter, DraftModelDrafter) and sampling is not None
+                and sampling.argmax_only and len(prompt) > 0):
+            return None
+        if not (fixed_k if fixed_k is not None else (self.controller.drafting or self.controller.learning)):
+            return None
+        drafter.sample_on_device(self.device_sampling)
+        thread = threading.Thread(target=drafter.predraft, args=(prompt, self.controller.draft_max + 1, stop),
+                                  name="beechat-predraft", daemon=True)
+        thread.start()
+        return thread
 
     # -- decoding ------------------------------------------------------------------------------
     def steps(self, prompt: Sequence[int], sampling: Sampling, max_tokens: int,
@@ -336,7 +369,9 @@ class Generator:
         self._last_k = -1  # the prefill decoded a batch of another size
         if self.drafter is not None:
             self.drafter.sample_on_device(on_device)
-            self.drafter.begin(history)
+            if not self._predrafted:
+                self.drafter.begin(history)
+        self._predrafted = False
         self.controller.shadow_probes = sampling.argmax_only and fixed_k is None
         while emitted < max_tokens and not cancel.is_set():
             pass_started = time.perf_counter()
