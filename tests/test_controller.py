@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from beechat.engine.speculative import DraftController
+from beechat.engine.controller import DraftController
 
 
 @dataclass

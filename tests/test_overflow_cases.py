@@ -212,9 +212,9 @@ def test_a_message_longer_than_the_context_is_cut_or_refused_and_the_chat_goes_o
     prompts: list[list[int]] = []
     prefill = engine.generator.prefill
 
-    def spy(prompt: list[int], cancel: threading.Event | None = None) -> int:  # records what the model gets
+    def spy(prompt: list[int], cancel: threading.Event | None = None, *args: Any) -> int:  # what the model gets
         prompts.append(list(prompt))
-        return prefill(prompt, cancel)
+        return prefill(prompt, cancel, *args)
 
     engine.generator.prefill = spy  # type: ignore[assignment]
     try:

@@ -66,10 +66,10 @@ class Spy:
             self.rendered[tuple(tokens)] = [dict(m) for m in messages]  # type: ignore[misc]
             return tokens
 
-        def prefill_spy(prompt: Sequence[int], cancel: threading.Event | None = None) -> int:
+        def prefill_spy(prompt: Sequence[int], cancel: threading.Event | None = None, *args: Any) -> int:
             self.prompts.append(self.rendered[tuple(prompt)])
             self.rendered.clear()
-            return prefill(prompt, cancel)
+            return prefill(prompt, cancel, *args)
 
         engine.tokenize_chat = tokenize_chat  # type: ignore[method-assign]
         engine.generator.prefill = prefill_spy  # type: ignore[method-assign]
