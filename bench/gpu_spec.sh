@@ -4,7 +4,8 @@
 #   bash .gpu/device/setup.sh /opt/ls >/dev/null; export LD_LIBRARY_PATH=/opt/ls/llama_cpp/lib PYTHONPATH=/opt/ls:$PWD
 #   PARTS="tools hybrid dense" bash bench/gpu_spec.sh
 # Knobs (environment): TOKENS, KS, DRAFT_MAX, REPEAT, VARIANTS (spec_bench --variants), EXTRA_DRAFTS
-# (default "--draft ngram=ngram"; empty: none), USELESS_KS, USELESS_REPEAT, USELESS_VARIANTS, CPP_NMAX.
+# (default "--draft ngram=ngram"; empty: none), USELESS_KS, USELESS_REPEAT, USELESS_VARIANTS, CPP_NMAX,
+# DENSE_DRAFT_MAX, DENSE_VARIANTS.
 # PARTS picks what runs:
 #   tools   llama.cpp's llama-bench / llama-speculative-simple (carried in .gpu/lcpp-bin, else built
 #           in the background from the vendored source: ~5.5 min)
@@ -86,10 +87,10 @@ if has dense; then
   [ -f $M/useless.gguf ] || python3 $S $M/useless.gguf --vocab $V --n-layer 2 --n-ff 2048 --n-head 8 --n-head-kv 2 --head-dim 128 --layer-seed 7 --head-seed 5
   cat $M/target.gguf $M/good.gguf $M/useless.gguf > /dev/null
   python3 bench/spec_bench.py --target $M/target.gguf --draft good=$M/good.gguf \
-    --tokens $TOKENS --ks ${KS:-4,8,16} --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
-    --variants host,serial --profile --json-out $RES/spec_bench_dense.json 2>&1 | tee $RES/spec_bench_dense.txt
+    --tokens $TOKENS --ks ${KS:-4,8,16} --draft-max ${DENSE_DRAFT_MAX:-${DRAFT_MAX:-16,32}} --repeat ${REPEAT:-2} \
+    --variants ${DENSE_VARIANTS:-host,serial} --profile --json-out $RES/spec_bench_dense.json 2>&1 | tee $RES/spec_bench_dense.txt
   python3 bench/spec_bench.py --target $M/target.gguf --draft useless=$M/useless.gguf \
-    --tokens $TOKENS --ks 4 --draft-max ${DRAFT_MAX:-16,32} --repeat ${REPEAT:-2} \
+    --tokens $TOKENS --ks ${USELESS_KS:-4} --draft-max ${DENSE_DRAFT_MAX:-${DRAFT_MAX:-16,32}} --repeat ${USELESS_REPEAT:-${REPEAT:-2}} \
     --profile --json-out $RES/spec_bench_dense_useless.json 2>&1 | tee $RES/spec_bench_dense_useless.txt
   pack
 fi
