@@ -69,8 +69,9 @@ class Generator:
         self.lookahead_tokens = 0  # drafted during verifies (for benchmarks)
         # On a GPU a verify batch of a new size costs a graph rebuild and, for the next pass, a CUDA
         # graph capture (ggml-cuda replays a graph only after two calls of one shape): near a reply's
-        # end a pass keeps the previous pass's draft length, and the drafts verified past the end
-        # are not emitted. On a CPU every verified token costs; there the last pass is cut short.
+        # end a pass keeps the previous pass's draft length while what it needs is at least half of
+        # it, and the drafts verified past the end are not emitted. On a CPU every verified token
+        # costs; there the last pass is cut short.
         self.steady_shape = target.offloaded if steady_shape is None else steady_shape
         self._last_k = -1  # the previous pass's draft length (-1: none since the prefill)
         self._predrafted = False  # the drafter began this reply during the prefill
@@ -179,8 +180,11 @@ class Generator:
                 k = min(fixed_k, limit)
             else:
                 k = self.controller.choose(limit)
-            if k > need - 1 and not (self.steady_shape and k == self._last_k):
-                k = max(0, need - 1)  # only a warm batch shape is worth verifying drafts past the end
+            if k > need - 1 and not (self.steady_shape and k == self._last_k and 2 * (need - 1) >= k):
+                # a warm batch shape is worth verifying drafts past the end only while the shortened
+                # batch would be at least half as big (H200: a rebuilt 8-token pass 40 ms against a
+                # replayed 33-token one 50-75 ms; a rebuilt 17-token one about as dear as replayed)
+                k = max(0, need - 1)
             shadow = (self.drafter is not None and k > 0 and fixed_k is None and self.controller.probing
                       and sampling.argmax_only)
             if shadow:
