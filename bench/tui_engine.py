@@ -102,6 +102,11 @@ class ProfileResult:
         lines.append(f"  all turns: ask {fmt(self.rate(self.ask))}  TUI {fmt(self.rate(self.tui))}  "
                      f"TUI/ask {ratio:.3f}" if ratio is not None else "  all turns: no decode rate")
         lines.append(f"  same text in ask and TUI: {'yes' if self.same_text else 'NO'}")
+        for turn, (a, t) in enumerate(zip(self.ask, self.tui, strict=True), 1):
+            if a.text != t.text:  # greedy on a GPU: batch shapes change the logits' last bits (near-ties)
+                at = next((i for i, (x, y) in enumerate(zip(a.text, t.text, strict=False)) if x != y),
+                          min(len(a.text), len(t.text)))
+                lines.append(f"    turn {turn} departs at character {at} of {len(a.text)}")
         return "\n".join(lines)
 
 
