@@ -128,6 +128,22 @@ def test_the_head_reads_the_targets_hidden_states_while_the_device_samples(mtp_m
         close(gen)
 
 
+def test_a_warm_up_keeps_the_head_in_step(mtp_models: dict[str, Path], prompt: list[int]) -> None:
+    """A GPU engine warms up at load (Generator.warm_up); the MTP head, which sees every target
+    decode, must not see those: the first reply is still plain's, drafts still accepted."""
+    plain = plain_generator(mtp_models["agree"])
+    want, _, _ = run_tokens(plain, prompt, GREEDY, 48)
+    close(plain)
+    gen = mtp_generator(mtp_models["agree"])
+    try:
+        gen.warm_up()
+        got, drafted, accepted = run_tokens(gen, prompt, GREEDY, 48, fixed_k=4)
+        assert got == want
+        assert drafted > 30 and accepted / drafted >= 0.9
+    finally:
+        close(gen)
+
+
 @pytest.mark.parametrize("name", ["random", "disagree"])
 def test_greedy_output_equals_plain_for_every_draft_length(mtp_models: dict[str, Path], prompt: list[int],
                                                            name: str) -> None:

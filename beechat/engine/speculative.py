@@ -89,12 +89,16 @@ class Generator:
         caches are left empty."""
         token = max(self.target.bos, 0)
         ctx = self.context
-        ctx.clear()
-        ctx.decode([token])
-        n = min(self.controller.draft_max + 1, ctx.n_batch, ctx.n_ctx)
-        if n > 1:
-            ctx.decode([token] * (n - 1), all_logits=True)
-        ctx.clear()
+        observers, ctx.observers = ctx.observers, []  # an MTP head must not see these decodes
+        try:
+            ctx.clear()
+            ctx.decode([token])
+            n = min(self.controller.draft_max + 1, ctx.n_batch, ctx.n_ctx)
+            if n > 1:
+                ctx.decode([token] * (n - 1), all_logits=True)
+            ctx.clear()
+        finally:
+            ctx.observers = observers
         self._turn_checkpoint = None
         if isinstance(self.drafter, DraftModelDrafter):
             self.drafter.context.clear()
@@ -122,12 +126,12 @@ class Generator:
                     break
                 end = min(want, ctx.n_past + ctx.n_batch)
                 ctx.decode(prompt[ctx.n_past:end])
+            if self._recurrent and ctx.n_past == want and want > 0:
+                self._turn_checkpoint = ctx.save_partial_state()  # the draft goes on drafting meanwhile
         finally:
             if beside is not None:
                 stop.set()
                 beside.join()
-        if self._recurrent and ctx.n_past == want and want > 0:
-            self._turn_checkpoint = ctx.save_partial_state()
         return ctx.n_past - reused
 
     def _start_predraft(self, prompt: Sequence[int], sampling: Sampling | None, fixed_k: int | None,
