@@ -33,6 +33,7 @@ from beechat.engine.kv import KVLayout, needs_flash_attn
 from beechat.engine.llama import Context, LlamaError, Model
 from beechat.engine.mtp import MTPContext, MTPDrafter, mtp_problem
 from beechat.engine.planner import auto_n_ctx
+from beechat.engine.snapshots import SnapshotSwitch
 from beechat.engine.speculative import Generator
 from beechat.events import ChatMessage, Chunk, DecodeClock, Done, Event, Notice, Stats, StatsUpdate
 
@@ -122,10 +123,14 @@ class ChatEngine:
             raise EngineError(str(exc)) from exc
         try:
             recurrent = self.model.is_recurrent or self.model.is_hybrid
-            self.context = Context(self.model, n_ctx=n_ctx, n_batch=settings.n_batch, type_k=type_k,
-                                   type_v=type_v, flash_attn=flash,
-                                   n_rs_seq=settings.rollback_snapshots if recurrent else 0,
-                                   n_threads=settings.n_threads)
+
+            def new_context(n_rs_seq: int) -> Context:
+                return Context(self.model, n_ctx=n_ctx, n_batch=settings.n_batch, type_k=type_k, type_v=type_v,
+                               flash_attn=flash, n_rs_seq=n_rs_seq, n_threads=settings.n_threads)
+
+            self._new_context = new_context
+            self.context = new_context(settings.rollback_snapshots if recurrent else 0)
+            self._snapshots = SnapshotSwitch(self.context.n_rs_seq)
             drafter: Drafter | None = None
             if draft is not None:
                 report(share, f"loading draft {draft.name}")
@@ -341,6 +346,10 @@ class ChatEngine:
             return
         if notice:
             yield Notice(notice)
+        if (n_rs_seq := self._snapshots.wanted(self.generator, fixed_k)) is not None:  # before the prefill
+            yield Notice(self._snapshots.apply(self.generator, n_rs_seq, self._new_context))
+            self.context, self.kv = self.generator.context, _KVAccount.create(self)
+            stats.kv_bytes_capacity = self.kv.capacity()
         stats.prompt_tokens = len(prompt)
         rng = np.random.default_rng(sampling.seed)
         finish: str = "stop"

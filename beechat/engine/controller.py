@@ -54,6 +54,7 @@ class DraftController:
     _same_n: int = 0  # passes in a row with that size
     probe_cost: float = 0.0  # seconds the latest probe cost beyond a plain step (drafting, catch-up included)
     shadow_probes: bool = False  # the Generator runs probes beside plain passes (greedy replies)
+    off_passes: int = 0  # passes in a row chosen without drafting since learning (probes included)
 
     MIN_PROBE, MAX_PROBE = 16, 256
     PROBE_BUDGET = 0.02  # probes cost at most this share of the time while drafting is off
@@ -197,6 +198,7 @@ class DraftController:
                 best_k = last
             self._stale, self._last_choice = False, best_k
         best_k = min(self._last_choice, limit)
+        self.off_passes = 0 if self._last_choice > 0 else self.off_passes + 1
         if best_k > 0:
             self.passes_since_probe = 0
             self.probe_interval = self.MIN_PROBE

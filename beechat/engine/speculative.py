@@ -75,6 +75,10 @@ class Generator:
         self.steady_shape = target.offloaded if steady_shape is None else steady_shape
         self._last_k = -1  # the previous pass's draft length (-1: none since the prefill)
         self._predrafted = False  # the drafter began this reply during the prefill
+        # False while the target's context cannot roll back cheaply by choice (engine/snapshots.py:
+        # a recurrent target decoding without snapshots while drafting does not pay): drafts are
+        # then never verified, only probed beside plain passes
+        self.verify_drafts = True
         # Recurrent targets cut their state back through snapshots (n_rs_seq); a checkpoint of the
         # recurrent state taken after each prefill lets the next turn reuse the prefix anyway.
         self._recurrent = target.is_recurrent or target.is_hybrid
@@ -105,6 +109,11 @@ class Generator:
             self.drafter.context.decode([token])
             self.drafter.context.clear()
             self.drafter.forget_chain()
+
+    def reset_state(self) -> None:
+        """Forget what belongs to the target's cache (a new context): its turn checkpoint."""
+        self._turn_checkpoint = None
+        self._last_k = -1
 
     # -- prefill -------------------------------------------------------------------------------
     def prefill(self, prompt: Sequence[int], cancel: threading.Event | None = None,
@@ -191,6 +200,8 @@ class Generator:
                 k = max(0, need - 1)
             shadow = (self.drafter is not None and k > 0 and fixed_k is None and self.controller.probing
                       and sampling.argmax_only)
+            if not (shadow or self.verify_drafts):
+                k = 0
             if shadow:
                 step = self._shadow_probe(history, k, sampling, rng)
                 self._last_k = 0  # the target decoded one token

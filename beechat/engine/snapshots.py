@@ -1,0 +1,66 @@
+"""Recurrent-state snapshots only while drafting pays.
+
+A hybrid or recurrent target rolls rejected drafts back through `n_rs_seq` snapshots of its
+state, and llama.cpp writes them on every decode (the DeltaNet layers' convolution state into each
+of the `n_rs_seq + 1` slots, whatever the batch): on an H200 plain decoding in such a context ran
+at 0.86x (n_rs_seq 32) and 0.94x (16) of one without (docs/benchmarks.md). So when the draft
+controller has not drafted for OFF_PASSES passes, the engine recreates the target's context
+without snapshots before the next reply; the conversation is evaluated again, once. The drafter
+then only probes beside plain passes (greedy replies; a sampled reply does not probe), and when
+the probes show that drafting pays again the snapshots come back before the next reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from beechat.engine.llama import Context
+from beechat.engine.speculative import Generator
+
+
+@dataclass
+class SnapshotSwitch:
+    """Decides, before each reply, whether the target's context should keep its snapshots."""
+
+    snapshots: int  # n_rs_seq while drafting (EmbeddedSettings.rollback_snapshots)
+    dropped: bool = False  # the context was recreated without them
+
+    OFF_PASSES: ClassVar[int] = 512  # passes without drafting before the snapshots go
+
+    def wanted(self, generator: Generator, fixed_k: int | None = None) -> int | None:
+        """The n_rs_seq the next reply (drafting `fixed_k` per pass if given) should decode with,
+        or None to keep the context as it is."""
+        drafter = generator.drafter
+        if self.snapshots <= 0 or drafter is None or drafter.kind == "mtp":  # MTP reads the context itself
+            return None
+        controller = generator.controller
+        drafts_anyway = bool(fixed_k) or controller.draft_min > 0  # drafts on every pass need the rollback
+        if self.dropped:
+            return self.snapshots if controller.drafting > 0 or drafts_anyway else None
+        if drafts_anyway:
+            return None
+        if (generator.context.n_rs_seq > 0 and not controller.learning and controller.drafting == 0
+                and controller.off_passes >= self.OFF_PASSES):
+            return 0
+        return None
+
+    def apply(self, generator: Generator, n_rs_seq: int, make_context: Callable[[int], Context]) -> str:
+        """Recreate the generator's target context with `n_rs_seq` snapshots (the old one is freed
+        first: both would not fit where memory is tight). Returns the notice for the user."""
+        old = generator.context
+        passes = generator.controller.off_passes
+        observers = list(old.observers)
+        old.close()
+        context = make_context(n_rs_seq)
+        context.observers.extend(observers)
+        generator.context = context
+        generator.reset_state()
+        generator.verify_drafts = n_rs_seq > 0
+        self.dropped = n_rs_seq == 0
+        if self.dropped:
+            return (f"drafting has not paid for {passes} passes: the target decodes without its "
+                    f"{self.snapshots} rollback snapshots now (faster), the conversation is read again once")
+        return (f"probes show drafting pays again: the target's {n_rs_seq} rollback snapshots are back, "
+                "the conversation is read again once")
