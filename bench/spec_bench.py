@@ -157,8 +157,10 @@ def main() -> None:
         ap.error(f"--variants: expected host, serial, diag, cold, warm, cut, nopre, got {args.variants!r}")
     # None: the engine's default (argmax on the device where the target is on a GPU); False: on the host
     # Plain decoding in a context of its own without the recurrent-state snapshots (each decode of a
-    # context with n_rs_seq snapshots writes them, 10% of a step on the H200): what a user without a
-    # draft gets. "k=0 (drafter attached)" (--variants diag) is plain in the speculative context.
+    # context with n_rs_seq snapshots writes them: plain decoding there ran at 0.86x with 32, 0.94x
+    # with 16 on the H200): what a user without a draft gets. "k=0 (drafter attached)" (--variants
+    # diag) is plain in the speculative context. The engine's SnapshotSwitch (dropping them while
+    # drafting does not pay) is ChatEngine's; this script drives Generators directly.
     plain_ctx = Context(target, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads) if rs_seq else ctx
     plain_gens: dict[bool | None, Generator] = {None: Generator(target, plain_ctx, None),
                                                 False: Generator(target, plain_ctx, None, device_sampling=False)}
