@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from beechat.engine.chat import ChatEngine
+from beechat.engine.llama import Context, LlamaError
 from beechat.engine.snapshots import SnapshotSwitch
 from beechat.events import ChatMessage, Done, Notice
 from tests.gguf_factory import write_qwen35
@@ -106,3 +107,42 @@ def test_a_fixed_draft_length_gets_the_snapshots_back(tiny_models: dict[str, Pat
         assert spec._snapshots.wanted(spec.generator) == 0  # an adaptive reply would drop them again
     finally:
         spec.close()
+
+
+def test_snapshots_that_cannot_come_back_leave_a_working_engine(tiny_models: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the context with snapshots cannot be had again (memory taken meanwhile), the engine
+    keeps decoding without them, says why, and the reply is still plain's."""
+    monkeypatch.setattr(SnapshotSwitch, "OFF_PASSES", 8)
+    useless = write_qwen35(tmp_path / "useless.gguf", n_layer=4, head_seed=99, layer_seed=8)
+    plain = engine(tiny_models["hybrid"], n_ctx=1024)
+    spec = engine(tiny_models["hybrid"], draft=useless, speculation="draft", n_ctx=1024, draft_max=4)
+    try:
+        want: list[ChatMessage] = []
+        got: list[ChatMessage] = []
+        for text in TURNS[:2]:
+            say(spec, got, text)
+            say(plain, want, text)
+        assert spec.context.n_rs_seq == 0
+        make = spec._new_context
+
+        def no_snapshots_now(n_rs_seq: int) -> Context:
+            if n_rs_seq:
+                raise LlamaError("failed to create the context: out of memory (simulated)")
+            return make(n_rs_seq)
+
+        monkeypatch.setattr(spec, "_new_context", no_snapshots_now)
+        spec.generator.controller._last_choice = 2  # probes would have it draft again
+        _, notices = say(spec, got, TURNS[2])
+        say(plain, want, TURNS[2])
+        assert any("could not be recreated with 4 rollback snapshots" in n and "out of memory" in n for n in notices)
+        assert spec.context.n_rs_seq == 0 and not spec.generator.verify_drafts
+        assert got == want
+        before = spec.context
+        _, notices = say(spec, got, TURNS[3])  # no new attempt each reply (each would read the chat again)
+        say(plain, want, TURNS[3])
+        assert spec.context is before and not any("snapshots" in n for n in notices)
+        assert got == want
+    finally:
+        spec.close()
+        plain.close()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from beechat.engine.llama import Context
+from beechat.engine.llama import Context, LlamaError
 from beechat.engine.speculative import Generator
 
 
@@ -26,6 +26,7 @@ class SnapshotSwitch:
 
     snapshots: int  # n_rs_seq while drafting (EmbeddedSettings.rollback_snapshots)
     dropped: bool = False  # the context was recreated without them
+    stuck: bool = False  # a recreation failed: the context stays as it is for the session
 
     OFF_PASSES: ClassVar[int] = 512  # passes without drafting before the snapshots go
 
@@ -33,7 +34,7 @@ class SnapshotSwitch:
         """The n_rs_seq the next reply (drafting `fixed_k` per pass if given) should decode with,
         or None to keep the context as it is."""
         drafter = generator.drafter
-        if self.snapshots <= 0 or drafter is None or drafter.kind == "mtp":  # MTP reads the context itself
+        if self.snapshots <= 0 or self.stuck or drafter is None or drafter.kind == "mtp":  # MTP reads the context
             return None
         controller = generator.controller
         drafts_anyway = bool(fixed_k) or controller.draft_min > 0  # drafts on every pass need the rollback
@@ -52,13 +53,23 @@ class SnapshotSwitch:
         old = generator.context
         passes = generator.controller.off_passes
         observers = list(old.observers)
+        was = old.n_rs_seq
         old.close()
-        context = make_context(n_rs_seq)
+        failure = None
+        try:
+            context = make_context(n_rs_seq)
+        except LlamaError as exc:  # e.g. no memory for the snapshots now: back to what worked
+            failure = str(exc)
+            context = make_context(was)  # raises too where even that cannot be had
         context.observers.extend(observers)
         generator.context = context
         generator.reset_state()
-        generator.verify_drafts = n_rs_seq > 0
-        self.dropped = n_rs_seq == 0
+        generator.verify_drafts = context.n_rs_seq > 0
+        self.dropped = context.n_rs_seq == 0
+        if failure is not None:
+            self.stuck = True  # each attempt reads the conversation again: not one per reply
+            return (f"the target's context could not be recreated with {n_rs_seq} rollback snapshots "
+                    f"({failure}); it keeps {was} for this session (reload the model to try again)")
         if self.dropped:
             return (f"drafting has not paid for {passes} passes: the target decodes without its "
                     f"{self.snapshots} rollback snapshots now (faster), the conversation is read again once")
