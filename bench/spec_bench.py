@@ -174,45 +174,44 @@ def main() -> None:
             d_model = Model(Path(path), n_gpu_layers=args.n_gpu_layers)
             drafter = DraftModelDrafter(d_model, DraftModelDrafter.context_for(
                 d_model, n_ctx=args.n_ctx, flash_attn=True, n_threads=args.threads))
-        # (label, fixed k, draft_max, Generator keywords, warm-up reply length); a keyword left out
-        # takes the engine's default
-        Mode = tuple[str, int | None, int, dict[str, bool], int]
+        # (label, fixed k, draft_max, Generator keywords, warm-up reply length, draft beside the
+        # prefill); a keyword left out takes the engine's default
+        Mode = tuple[str, int | None, int, dict[str, bool], int, bool]
         big = draft_maxes[-1:]
-        modes: list[Mode] = [("plain", 0, 0, {}, 0)]
-        modes += [(f"k={k}", k, k, {}, 8) for k in ks]
-        modes += [(f"adaptive(max {m})", None, m, {}, 8) for m in draft_maxes]
+        modes: list[Mode] = [("plain", 0, 0, {}, 0, True)]
+        modes += [(f"k={k}", k, k, {}, 8, True) for k in ks]
+        modes += [(f"adaptive(max {m})", None, m, {}, 8, True) for m in draft_maxes]
         if "cold" in variants:  # a new controller: a session's first reply, or `beechat ask`
-            modes += [(f"adaptive(max {m})/cold", None, m, {}, 0) for m in big]
+            modes += [(f"adaptive(max {m})/cold", None, m, {}, 0, True) for m in big]
         if "warm" in variants:  # the controller after a whole reply, as in a chat's later replies
-            modes += [(f"adaptive(max {m})/warm", None, m, {}, args.tokens) for m in big]
+            modes += [(f"adaptive(max {m})/warm", None, m, {}, args.tokens, True) for m in big]
         if "nopre" in variants:  # no drafting beside the prefill: the first pass drafts from scratch
-            modes += [(f"adaptive(max {m})/nopre", None, m, {"predraft": False}, 8) for m in big]
+            modes += [(f"adaptive(max {m})/nopre", None, m, {}, 8, False) for m in big]
         if "cut" in variants:  # the last pass cut short at the reply's end (a new batch shape)
-            modes += [(f"adaptive(max {m})/cut", None, m, {"steady_shape": False}, 8) for m in big]
+            modes += [(f"adaptive(max {m})/cut", None, m, {"steady_shape": False}, 8, True) for m in big]
         if "host" in variants:
-            modes += [("plain/host", 0, 0, {"device_sampling": False}, 0)]
-            modes += [(f"adaptive(max {m})/host", None, m, {"device_sampling": False}, 8) for m in big]
+            modes += [("plain/host", 0, 0, {"device_sampling": False}, 0, True)]
+            modes += [(f"adaptive(max {m})/host", None, m, {"device_sampling": False}, 8, True) for m in big]
         if "serial" in variants:
-            modes += [(f"k={k}/serial", k, k, {"lookahead": False}, 8) for k in ks[-1:]]
-            modes += [(f"adaptive(max {m})/serial", None, m, {"lookahead": False}, 8) for m in big]
+            modes += [(f"k={k}/serial", k, k, {"lookahead": False}, 8, True) for k in ks[-1:]]
+            modes += [(f"adaptive(max {m})/serial", None, m, {"lookahead": False}, 8, True) for m in big]
         if "diag" in variants:  # the drafter's generator with drafting off, and plain again at the end
-            modes += [("k=0 (drafter attached)", 0, 1, {}, 8), ("plain again", 0, 0, {}, 0)]
+            modes += [("k=0 (drafter attached)", 0, 1, {}, 8, True), ("plain again", 0, 0, {}, 0, True)]
         runs: dict[str, list[dict[str, Any]]] = {m[0]: [] for m in modes}
         for plain_gen in plain_gens.values():  # warm-up: first decodes allocate buffers
             generate(plain_gen, prompt, 16, 0)
         for _ in range(args.repeat):
-            for label, fixed_k, draft_max, kwargs, warm in modes:
+            for label, fixed_k, draft_max, kwargs, warm, predraft in modes:
                 # plain runs must not feed the MTP head: only its own generator watches the target
                 ctx.observers.clear()
                 ctx.output_hidden(isinstance(drafter, MTPDrafter) and fixed_k != 0)
                 if label.startswith("plain"):
                     gen = plain_gens[kwargs.get("device_sampling")]
                 else:
-                    gen = Generator(target, ctx, drafter, draft_max=draft_max,
-                                    **{k: v for k, v in kwargs.items() if k != "predraft"})
+                    gen = Generator(target, ctx, drafter, draft_max=draft_max, **kwargs)
                     if warm:
                         generate(gen, prompt, warm, fixed_k)  # warm the batch shape / controller
-                runs[label].append(generate(gen, prompt, args.tokens, fixed_k, kwargs.get("predraft", True)))
+                runs[label].append(generate(gen, prompt, args.tokens, fixed_k, predraft))
         reference = runs["plain"][0]["tokens"]
         gaps = top2_gaps(target, ctx, prompt, reference)
         plain_tps = statistics.median(r["decode_tps"] for r in runs["plain"])

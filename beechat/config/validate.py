@@ -101,10 +101,7 @@ class Validator:
         value = table[key]
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail((*where, key), f"expected an integer, got {_show(value)}")
-        if minimum is not None and value < minimum:
-            raise self.fail((*where, key), f"expected an integer >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise self.fail((*where, key), f"expected an integer <= {maximum}, got {value}")
+        self._check_range(value, "an integer", (*where, key), minimum, maximum)
         return value
 
     def get_float(self, table: Mapping[str, Any], key: str, where: tuple[str, ...],
@@ -114,11 +111,15 @@ class Validator:
         value = table[key]
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise self.fail((*where, key), f"expected a number, got {_show(value)}")
-        if minimum is not None and value < minimum:
-            raise self.fail((*where, key), f"expected a number >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise self.fail((*where, key), f"expected a number <= {maximum}, got {value}")
+        self._check_range(value, "a number", (*where, key), minimum, maximum)
         return float(value)
+
+    def _check_range(self, value: float, kind: str, path: tuple[str, ...],
+                     minimum: float | None, maximum: float | None) -> None:
+        if minimum is not None and value < minimum:
+            raise self.fail(path, f"expected {kind} >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(path, f"expected {kind} <= {maximum}, got {value}")
 
     def get_table(self, table: Mapping[str, Any], key: str, where: tuple[str, ...]) -> dict[str, Any] | None:
         if key not in table:

@@ -347,8 +347,10 @@ class ChatEngine:
         if notice:
             yield Notice(notice)
         if (n_rs_seq := self._snapshots.wanted(self.generator, fixed_k)) is not None:  # before the prefill
+            old = self.context
             yield Notice(self._snapshots.apply(self.generator, n_rs_seq, self._new_context))
-            self.context, self.kv = self.generator.context, _KVAccount.create(self)
+            self.context = self.generator.context
+            self.kv.replace(old, self.context)
             stats.kv_bytes_capacity = self.kv.capacity()
         stats.prompt_tokens = len(prompt)
         rng = np.random.default_rng(sampling.seed)
@@ -475,6 +477,10 @@ class _KVAccount:
             meta = read_metadata(engine.model.path, tensors=False)
             parts.append((KVLayout.from_metadata(meta, mtp=True), engine.drafter.mtp))
         return cls(engine, parts)
+
+    def replace(self, old: Context, new: Context) -> None:
+        """Count `new` where `old` was (the target's context recreated; same model, same layout)."""
+        self.parts = [(layout, new if ctx is old else ctx) for layout, ctx in self.parts]
 
     def capacity(self) -> int:
         s = self.engine.settings

@@ -24,8 +24,7 @@ from beechat.engine.speculative import Generator
 class SnapshotSwitch:
     """Decides, before each reply, whether the target's context should keep its snapshots."""
 
-    snapshots: int  # n_rs_seq while drafting (EmbeddedSettings.rollback_snapshots)
-    dropped: bool = False  # the context was recreated without them
+    snapshots: int  # n_rs_seq while drafting, as llama.cpp kept it (0: it cannot roll back so; no switch)
     stuck: bool = False  # a recreation failed: the context stays as it is for the session
 
     OFF_PASSES: ClassVar[int] = 512  # passes without drafting before the snapshots go
@@ -38,12 +37,11 @@ class SnapshotSwitch:
             return None
         controller = generator.controller
         drafts_anyway = bool(fixed_k) or controller.draft_min > 0  # drafts on every pass need the rollback
-        if self.dropped:
+        if generator.context.n_rs_seq == 0:  # dropped
             return self.snapshots if controller.drafting > 0 or drafts_anyway else None
         if drafts_anyway:
             return None
-        if (generator.context.n_rs_seq > 0 and not controller.learning and controller.drafting == 0
-                and controller.off_passes >= self.OFF_PASSES):
+        if not controller.learning and controller.drafting == 0 and controller.off_passes >= self.OFF_PASSES:
             return 0
         return None
 
@@ -65,12 +63,11 @@ class SnapshotSwitch:
         generator.context = context
         generator.reset_state()
         generator.verify_drafts = context.n_rs_seq > 0
-        self.dropped = context.n_rs_seq == 0
         if failure is not None:
             self.stuck = True  # each attempt reads the conversation again: not one per reply
             return (f"the target's context could not be recreated with {n_rs_seq} rollback snapshots "
                     f"({failure}); it keeps {was} for this session (reload the model to try again)")
-        if self.dropped:
+        if context.n_rs_seq == 0:
             return (f"drafting has not paid for {passes} passes: the target decodes without its "
                     f"{self.snapshots} rollback snapshots now (faster), the conversation is read again once")
         return (f"probes show drafting pays again: the target's {n_rs_seq} rollback snapshots are back, "

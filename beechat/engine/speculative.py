@@ -103,7 +103,7 @@ class Generator:
             ctx.clear()
         finally:
             ctx.observers = observers
-        self._turn_checkpoint = None
+        self.reset_state()
         if isinstance(self.drafter, DraftModelDrafter):
             self.drafter.context.clear()
             self.drafter.context.decode([token])
