@@ -13,6 +13,10 @@
 #           Qwen3.5-0.8B-shaped drafts: a near-perfect one and a useless one
 #   dense   the dense 64-layer 27B-shaped target (qwen3) with 2-layer drafts
 #   cost    bench/verify_cost.py on the hybrid pair (verify batch costs, snapshots vs host state)
+#   draftstep  bench/draft_step.py on the hybrid draft, with and without CUDA graphs (+ llama-bench's
+#           tg on it when the tools are there): what one draft token costs
+#   switch  bench/switch_bench.py: the useless hybrid draft over a conversation (TURNS, default 6)
+#           against a plain engine, the snapshot switch included
 #   kv      KV cache type vs context depth
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -48,15 +52,17 @@ wait_tools() {
 cpp_spec() {  # NAME TARGET DRAFT N_MAX...
   local name=$1 t=$2 d=$3; shift 3
   for n in "$@"; do
-    echo "-- llama-speculative-simple $name n_max=$n"
+    local log=$RES/cpp_spec_${name}_$n.log r=2
+    while [ -f $log ]; do log=$RES/cpp_spec_${name}_${n}_run$r.log; r=$((r + 1)); done  # CPP_NMAX may repeat an n
+    echo "-- llama-speculative-simple $name n_max=$n ($(basename $log))"
     $LBIN/llama-speculative-simple -m $t -md $d -ngl 99 -ngld 99 -c 4096 -fa on -n $TOKENS --temp 0 \
-      --spec-type draft-simple --spec-draft-n-max $n --spec-draft-p-min 0 -p "$PROMPT" > $RES/cpp_spec_${name}_$n.log 2>&1
-    grep -E "decoded|n_drafted|n_accept|accept " $RES/cpp_spec_${name}_$n.log || tail -5 $RES/cpp_spec_${name}_$n.log
+      --spec-type draft-simple --spec-draft-n-max $n --spec-draft-p-min 0 -p "$PROMPT" > $log 2>&1
+    grep -E "decoded|n_drafted|n_accept|accept " $log || tail -5 $log
   done
 }
 
 t=$(date +%s)
-if has hybrid || has cost; then
+if has hybrid || has cost || has draftstep || has switch; then
   [ -f $M/hybrid.gguf ] || python3 bench/synth_qwen35.py $M/hybrid.gguf --vocab $V --draft-width 1024
   [ -f $M/hdraft.gguf ] || python3 bench/synth_qwen35.py $M/hdraft.gguf --vocab $V --shape draft-0.8b
   [ -f $M/huseless.gguf ] || python3 bench/synth_qwen35.py $M/huseless.gguf --vocab $V --shape draft-0.8b --head-seed 5
@@ -67,6 +73,17 @@ if has cost; then
     --json-out $RES/verify_cost_hybrid.json 2>&1 | tee $RES/verify_cost_hybrid.txt
   python3 bench/verify_cost.py --model $M/hdraft.gguf --rs-seq 0 --sizes 1,2,4,8,16 --branch \
     --json-out $RES/verify_cost_draft.json 2>&1 | tee $RES/verify_cost_draft.txt
+  pack
+fi
+if has draftstep; then
+  python3 bench/draft_step.py --model $M/hdraft.gguf --json-out $RES/draft_step.json 2>&1 | tee $RES/draft_step.txt
+  GGML_CUDA_DISABLE_GRAPHS=1 python3 bench/draft_step.py --model $M/hdraft.gguf \
+    --json-out $RES/draft_step_nographs.json 2>&1 | tee $RES/draft_step_nographs.txt
+  pack
+fi
+if has switch; then
+  python3 bench/switch_bench.py --target $M/hybrid.gguf --draft $M/huseless.gguf --turns ${TURNS:-6} \
+    --max-tokens $TOKENS --draft-max ${DRAFT_MAX:-32} --json-out $RES/switch_bench.json 2>&1 | tee $RES/switch_bench.txt
   pack
 fi
 if has hybrid; then
@@ -96,6 +113,9 @@ if has dense; then
 fi
 echo "beechat parts done in $(( $(date +%s) - t ))s"
 if has tools && wait_tools; then
+  if has draftstep; then
+    $LBIN/llama-bench -m $M/hdraft.gguf -ngl 99 -fa 1 -p 0 -n 128 -r 3 2>&1 | tee $RES/llama_bench_draft.txt
+  fi
   if has hybrid; then
     $LBIN/llama-bench -m $M/hybrid.gguf -ngl 99 -fa 1 -p 1,2,4,8,16,32 -n $TOKENS -r 2 2>&1 | tee $RES/llama_bench_hybrid.txt
     cpp_spec hybrid $M/hybrid.gguf $M/hdraft.gguf ${CPP_NMAX:-4 8 16}

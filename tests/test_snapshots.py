@@ -24,7 +24,7 @@ TURNS = ["Write a haiku about the sea.", "Now explain what a haiku is.", "List t
 @pytest.fixture()
 def useless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A hybrid draft with another head: it agrees with the target only by chance."""
-    monkeypatch.setattr(SnapshotSwitch, "OFF_PASSES", 8)  # a few replies instead of thousands of tokens
+    monkeypatch.setattr(SnapshotSwitch, "OFF_PASS_BUDGET", 32)  # 8 passes at draft_max 4, not hundreds
     return write_qwen35(tmp_path / "useless.gguf", n_layer=4, head_seed=99, layer_seed=8)
 
 
@@ -47,9 +47,10 @@ class Chats:
         self.plain, self.spec = plain, spec
         self.want: list[ChatMessage] = []
         self.got: list[ChatMessage] = []
+        self.plain_done: Done | None = None
 
     def say(self, text: str) -> tuple[Done, list[str]]:
-        say(self.plain, self.want, text)
+        self.plain_done, _ = say(self.plain, self.want, text)
         done, notices = say(self.spec, self.got, text)
         assert self.got == self.want
         return done, notices
@@ -78,15 +79,62 @@ def test_snapshots_go_while_drafting_does_not_pay_and_come_back(pair: tuple[Chat
     # the next reply decodes without snapshots, after a notice, and its text is still plain's
     done, notices = chats.say(TURNS[1])
     assert spec.context.n_rs_seq == 0 and spec.generator.context is spec.context
-    assert any("without its 4 rollback snapshots" in n for n in notices)
-    assert done.stats.prefill_tokens == done.stats.prompt_tokens  # the conversation was read again
+    assert any("without its 4 rollback snapshots" in n and "cache carried over" in n for n in notices)
+    # the cache came along: only the new turn was evaluated, as in the plain engine
+    assert chats.plain_done is not None
+    assert done.stats.prefill_tokens == chats.plain_done.stats.prefill_tokens < done.stats.prompt_tokens
     assert done.stats.drafted == 0
     # drafting that pays again (as probes would show it): the snapshots come back
     controller._last_choice, controller._stale = 2, False
     done, notices = chats.say(TURNS[2])
     assert spec.context.n_rs_seq == 4 and spec.generator.verify_drafts
-    assert any("snapshots are back" in n for n in notices)
+    assert any("snapshots are back" in n and "cache carried over" in n for n in notices)
+    assert done.stats.prefill_tokens == chats.plain_done.stats.prefill_tokens
     assert spec.kv.capacity() == done.stats.kv_bytes_capacity
+
+
+def test_a_cache_that_cannot_be_carried_is_read_again(pair: tuple[ChatEngine, ChatEngine],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the host copy of the cache cannot be had (memory), the switch still happens and the
+    next prefill reads the whole conversation again; the text is plain's."""
+    chats, spec = Chats(*pair), pair[1]
+    chats.say(TURNS[0])
+
+    def no_memory(self: Context) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(Context, "export_state", no_memory)
+    done, notices = chats.say(TURNS[1])
+    assert spec.context.n_rs_seq == 0
+    assert any("without its 4 rollback snapshots" in n and "read again once" in n for n in notices)
+    assert done.stats.prefill_tokens == done.stats.prompt_tokens
+
+
+def test_an_imported_cache_decodes_as_the_original(tiny_models: dict[str, Path]) -> None:
+    """Context.export_state / import_state between contexts with different snapshot counts: the
+    next tokens are the ones the original context would decode, and a foreign state is refused."""
+    e = engine(tiny_models["hybrid"], n_ctx=512)
+    try:
+        model = e.model
+        prompt = model.tokenize("The history of the Roman Empire", add_special=True)
+        src = Context(model, n_ctx=512, n_rs_seq=4)
+        src.decode(prompt[:-1])
+        tokens, data = src.export_state()
+        dst = Context(model, n_ctx=512, n_rs_seq=0)
+        assert dst.import_state(tokens, data) and dst.tokens == prompt[:-1]
+
+        def greedy(ctx: Context, n: int) -> list[int]:
+            out = [int(ctx.decode([prompt[-1]])[0].argmax())]
+            for _ in range(n - 1):
+                out.append(int(ctx.decode([out[-1]])[0].argmax()))
+            return out
+
+        assert greedy(dst, 12) == greedy(src, 12)
+        assert not dst.import_state(tokens[:-1], data) and dst.n_past == 0  # tokens that do not match the state
+        src.close()
+        dst.close()
+    finally:
+        e.close()
 
 
 @pytest.mark.parametrize("draft", ["self", "useless"])

@@ -344,6 +344,14 @@ class Context:
         """Whether `saved` was computed from the tokens at the start of this cache."""
         return saved.valid and saved.n_past <= self.n_past and saved in self._saves
 
+    def adopt(self, saved: SavedState) -> bool:
+        """Take a state saved in another context whose cache this one now holds (import_state) as
+        one of this context's own; False when it lies past what this cache holds."""
+        if not saved.valid or saved.n_past > self.n_past:
+            return False
+        self._saves.add(saved)
+        return True
+
     def _shrunk_to(self, n: int) -> None:
         """Drop cache entries from position n on, invalidating states saved beyond it."""
         del self.tokens[n:]
@@ -386,6 +394,30 @@ class Context:
             raise LlamaError("truncating the attention cache after a restore failed")
         self._shrunk_to(n_past)
         self.last_decode_size = 0
+
+    # -- the whole state of sequence 0, to carry a conversation into another context -----------
+    def export_state(self) -> tuple[list[int], npt.NDArray[np.uint8]]:
+        """The tokens and a host copy of everything sequence 0 holds (attention cells and recurrent
+        state). Raises LlamaError (or MemoryError) when it cannot be had."""
+        size = int(lc.llama_state_seq_get_size_ext(self.ptr, 0, 0))
+        buf = np.empty(size, dtype=np.uint8)  # not zeroed: a long chat's cache can be gigabytes
+        written = lc.llama_state_seq_get_data_ext(self.ptr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                  size, 0, 0)
+        if written != size:
+            raise LlamaError("copying the context's state to host memory failed")
+        return list(self.tokens), buf
+
+    def import_state(self, tokens: Sequence[int], data: npt.NDArray[np.uint8]) -> bool:
+        """Load what export_state gave (from a context on the same model, cache types and size) into
+        this empty context. False when llama.cpp refuses it; the context is then empty."""
+        self.clear()
+        read = lc.llama_state_seq_set_data_ext(self.ptr, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                               len(data), 0, 0)
+        if read != len(data) or int(lc.llama_memory_seq_pos_max(self.memory, 0)) + 1 != len(tokens):
+            self.clear()
+            return False
+        self.tokens = list(tokens)
+        return True
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

@@ -4,8 +4,11 @@ A hybrid or recurrent target rolls rejected drafts back through `n_rs_seq` snaps
 state, and llama.cpp writes them on every decode (the DeltaNet layers' convolution state into each
 of the `n_rs_seq + 1` slots, whatever the batch): on an H200 plain decoding in such a context ran
 at 0.86x (n_rs_seq 32) and 0.94x (16) of one without (docs/benchmarks.md). So when the draft
-controller has not drafted for OFF_PASSES passes, the engine recreates the target's context
-without snapshots before the next reply; the conversation is evaluated again, once. The drafter
+controller has not drafted for a number of passes (SnapshotSwitch.off_passes), the engine recreates the target's context
+without snapshots before the next reply. The conversation's cache is carried over through host
+memory (llama.cpp's per-sequence state: attention cells and the recurrent state, whatever
+n_rs_seq), so nothing is evaluated again; where that copy cannot be had, the next prefill reads
+the conversation again. The drafter
 then only probes beside plain passes (greedy replies; a sampled reply does not probe), and when
 the probes show that drafting pays again the snapshots come back before the next reply.
 """
@@ -15,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
 
 from beechat.engine.llama import Context, LlamaError
 from beechat.engine.speculative import Generator
@@ -27,7 +33,16 @@ class SnapshotSwitch:
     snapshots: int  # n_rs_seq while drafting, as llama.cpp kept it (0: it cannot roll back so; no switch)
     stuck: bool = False  # a recreation failed: the context stays as it is for the session
 
-    OFF_PASSES: ClassVar[int] = 512  # passes without drafting before the snapshots go
+    # Passes without drafting before the snapshots go: OFF_PASS_BUDGET / n_rs_seq (128 at 32
+    # snapshots, 256 at 16). What the snapshots waste grows with their count (H200, 27B hybrid: 2.5
+    # ms a pass at 32, about 0.7 at 16), a switch costs about 0.2 s (the context freed, allocated
+    # and its cache carried over): this drops them after about twice the waste a switch costs
+    # (ski rental), so a draft that pays again now and then does not make the engine flap.
+    OFF_PASS_BUDGET: ClassVar[int] = 4096
+
+    @property
+    def off_passes(self) -> int:
+        return max(1, self.OFF_PASS_BUDGET // max(self.snapshots, 1))
 
     def wanted(self, generator: Generator, fixed_k: int | None = None) -> int | None:
         """The n_rs_seq the next reply (drafting `fixed_k` per pass if given) should decode with,
@@ -41,7 +56,7 @@ class SnapshotSwitch:
             return self.snapshots if controller.drafting > 0 or drafts_anyway else None
         if drafts_anyway:
             return None
-        if not controller.learning and controller.drafting == 0 and controller.off_passes >= self.OFF_PASSES:
+        if not controller.learning and controller.drafting == 0 and controller.off_passes >= self.off_passes:
             return 0
         return None
 
@@ -52,6 +67,10 @@ class SnapshotSwitch:
         passes = generator.controller.off_passes
         observers = list(old.observers)
         was = old.n_rs_seq
+        try:
+            carried: tuple[list[int], npt.NDArray[np.uint8]] | None = old.export_state()
+        except (LlamaError, MemoryError):
+            carried = None  # the next prefill reads the conversation again
         old.close()
         failure = None
         try:
@@ -59,16 +78,17 @@ class SnapshotSwitch:
         except LlamaError as exc:  # e.g. no memory for the snapshots now: back to what worked
             failure = str(exc)
             context = make_context(was)  # raises too where even that cannot be had
+        kept = carried is not None and context.import_state(*carried)
+        del carried
         context.observers.extend(observers)
-        generator.context = context
-        generator.reset_state()
+        generator.move_to(context, kept)
         generator.verify_drafts = context.n_rs_seq > 0
         if failure is not None:
-            self.stuck = True  # each attempt reads the conversation again: not one per reply
+            self.stuck = True  # each attempt frees and allocates the context again: not one per reply
             return (f"the target's context could not be recreated with {n_rs_seq} rollback snapshots "
                     f"({failure}); it keeps {was} for this session (reload the model to try again)")
+        cache = "its cache carried over" if kept else "the conversation is read again once"
         if context.n_rs_seq == 0:
             return (f"drafting has not paid for {passes} passes: the target decodes without its "
-                    f"{self.snapshots} rollback snapshots now (faster), the conversation is read again once")
-        return (f"probes show drafting pays again: the target's {n_rs_seq} rollback snapshots are back, "
-                "the conversation is read again once")
+                    f"{self.snapshots} rollback snapshots now (faster), {cache}")
+        return f"probes show drafting pays again: the target's {n_rs_seq} rollback snapshots are back, {cache}"

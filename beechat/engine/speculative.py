@@ -110,6 +110,16 @@ class Generator:
             self.drafter.context.clear()
             self.drafter.forget_chain()
 
+    def move_to(self, context: Context, carried: bool) -> None:
+        """Decode in `context` from now on (engine/snapshots.py). Where it holds the old context's
+        cache (`carried`: Context.import_state), the turn checkpoint comes along, so the next turn
+        still reuses the conversation's prefix."""
+        old, self.context = self.context, context
+        checkpoint = self._turn_checkpoint
+        self.reset_state()
+        if carried and checkpoint is not None and old.holds(checkpoint) and context.adopt(checkpoint):
+            self._turn_checkpoint = checkpoint
+
     def reset_state(self) -> None:
         """Forget what belongs to the target's cache (a new context): its turn checkpoint."""
         self._turn_checkpoint = None
