@@ -7,6 +7,8 @@ the next token (the device's argmax, or numpy's over the copied logits row), in 
   seq0/device   sequence 0, argmax on the device (Context.sample_on_device)
   branch/host   on the branch sequence after a fork (how recurrent drafts draft), logits copied
   branch/device on the branch, argmax on the device (what the engine does on a GPU)
+  2seq/device   sequence 0 of a context made with the branch sequence, which stays empty
+  backup/device sequence 0, after copying it to the branch sequence (a backup to roll back to)
 
 Each step is split into the llama_decode call (graph build and kernel launches on the CPU: the
 GPU works asynchronously) and the wait for the token (the GPU finishing). Run it once plainly and
@@ -34,13 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from beechat.engine.llama import Context, Model
 
-MODES = ("seq0/host", "seq0/device", "branch/host", "branch/device")
+MODES = ("seq0/host", "seq0/device", "branch/host", "branch/device", "2seq/device", "backup/device")
 
 
 def run_mode(model: Model, mode: str, args: argparse.Namespace, prompt: list[int]) -> dict[str, Any]:
     branch = mode.startswith("branch")
+    backup = mode.startswith("backup")
     ctx = Context(model, n_ctx=args.depth + args.steps * (args.repeat + 1) + 64, n_batch=512,
-                  flash_attn=True, n_threads=args.threads, branch=branch)
+                  flash_attn=True, n_threads=args.threads, branch=branch or backup or mode.startswith("2seq"))
     device = mode.endswith("device")
     if device and not ctx.sample_on_device(True):
         ctx.close()
@@ -52,6 +55,9 @@ def run_mode(model: Model, mode: str, args: argparse.Namespace, prompt: list[int
     for rep in range(args.repeat + 1):  # the first run warms the shapes and is not counted
         if branch:
             ctx.fork()
+        elif backup:
+            llama_cpp.llama_memory_seq_rm(ctx.memory, 1, -1, -1)
+            llama_cpp.llama_memory_seq_cp(ctx.memory, 0, 1, -1, -1)
         token = 100
         launch = wait = 0.0
         reused0 = int(llama_cpp.llama_perf_context(ctx.ptr).n_reused)
@@ -68,6 +74,10 @@ def run_mode(model: Model, mode: str, args: argparse.Namespace, prompt: list[int
         reused = int(llama_cpp.llama_perf_context(ctx.ptr).n_reused) - reused0
         if branch:
             ctx.drop_branch()
+        elif backup:  # back to the copy
+            llama_cpp.llama_memory_seq_rm(ctx.memory, 0, -1, -1)
+            llama_cpp.llama_memory_seq_cp(ctx.memory, 1, 0, -1, -1)
+            del ctx.tokens[base:]
         elif not ctx.truncate(base):
             assert checkpoint is not None
             ctx.restore_partial_state(checkpoint)
