@@ -21,7 +21,7 @@ import llama_cpp  # noqa: F401  # ggml's libraries must load before numpy's Open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from beechat.engine.llama import Context, Model  # noqa: E402
+from beechat.engine.llama import Context, Model
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     token = 100
     print(f"{'switch':<10}{'export':>8}{'free':>8}{'create':>8}{'import':>8}{'MiB':>8}   first decodes, ms "
           "(then the median of 16)", flush=True)
-    for i in range(args.switches):
+    for _ in range(args.switches):
         prev = ctx.n_rs_seq
         rs = 0 if prev else args.rs_seq
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from beechat.engine import snapshots
 from beechat.engine.chat import ChatEngine
 from beechat.engine.llama import Context, LlamaError
 from beechat.engine.snapshots import SnapshotSwitch
@@ -93,17 +94,23 @@ def test_snapshots_go_while_drafting_does_not_pay_and_come_back(pair: tuple[Chat
     assert spec.kv.capacity() == done.stats.kv_bytes_capacity
 
 
+@pytest.mark.parametrize("why", ["the copy fails", "little host memory"])
 def test_a_cache_that_cannot_be_carried_is_read_again(pair: tuple[ChatEngine, ChatEngine],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the host copy of the cache cannot be had (memory), the switch still happens and the
-    next prefill reads the whole conversation again; the text is plain's."""
+                                                      monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    """Where the host copy of the cache cannot be had (it fails, or it would take more than half the
+    available RAM), the switch still happens and the next prefill reads the whole conversation
+    again; the text is plain's."""
     chats, spec = Chats(*pair), pair[1]
     chats.say(TURNS[0])
+    if why == "the copy fails":
+        def no_memory(self: Context) -> None:
+            raise MemoryError
 
-    def no_memory(self: Context) -> None:
-        raise MemoryError
-
-    monkeypatch.setattr(Context, "export_state", no_memory)
+        monkeypatch.setattr(Context, "export_state", no_memory)
+    else:
+        size = spec.context.state_size()
+        assert size > 0
+        monkeypatch.setattr(snapshots, "available_memory", lambda use_gpu: (2 * size - 1, "system RAM"))
     done, notices = chats.say(TURNS[1])
     assert spec.context.n_rs_seq == 0
     assert any("without its 4 rollback snapshots" in n and "read again once" in n for n in notices)

@@ -396,10 +396,14 @@ class Context:
         self.last_decode_size = 0
 
     # -- the whole state of sequence 0, to carry a conversation into another context -----------
+    def state_size(self) -> int:
+        """Bytes export_state would copy (the cells sequence 0 uses and its recurrent state)."""
+        return int(lc.llama_state_seq_get_size_ext(self.ptr, 0, 0))
+
     def export_state(self) -> tuple[list[int], npt.NDArray[np.uint8]]:
         """The tokens and a host copy of everything sequence 0 holds (attention cells and recurrent
         state). Raises LlamaError (or MemoryError) when it cannot be had."""
-        size = int(lc.llama_state_seq_get_size_ext(self.ptr, 0, 0))
+        size = self.state_size()
         buf = np.empty(size, dtype=np.uint8)  # not zeroed: a long chat's cache can be gigabytes
         written = lc.llama_state_seq_get_data_ext(self.ptr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
                                                   size, 0, 0)

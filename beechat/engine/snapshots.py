@@ -15,6 +15,7 @@ the probes show that drafting pays again the snapshots come back before the next
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -23,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from beechat.engine.llama import Context, LlamaError
+from beechat.engine.planner import available_memory
 from beechat.engine.speculative import Generator
 
 
@@ -67,10 +69,12 @@ class SnapshotSwitch:
         passes = generator.controller.off_passes
         observers = list(old.observers)
         was = old.n_rs_seq
-        try:
-            carried: tuple[list[int], npt.NDArray[np.uint8]] | None = old.export_state()
-        except (LlamaError, MemoryError):
-            carried = None  # the next prefill reads the conversation again
+        empty = old.n_past == 0
+        carried: tuple[list[int], npt.NDArray[np.uint8]] | None = None  # None: the next prefill reads it again
+        # a long chat's cache can be gigabytes: carry it only where host memory has room to spare
+        if old.n_past and old.state_size() <= available_memory(use_gpu=False)[0] // 2:
+            with contextlib.suppress(LlamaError, MemoryError):
+                carried = old.export_state()
         old.close()
         failure = None
         try:
@@ -87,7 +91,7 @@ class SnapshotSwitch:
             self.stuck = True  # each attempt frees and allocates the context again: not one per reply
             return (f"the target's context could not be recreated with {n_rs_seq} rollback snapshots "
                     f"({failure}); it keeps {was} for this session (reload the model to try again)")
-        cache = "its cache carried over" if kept else "the conversation is read again once"
+        cache = "its cache carried over" if kept or empty else "the conversation is read again once"
         if context.n_rs_seq == 0:
             return (f"drafting has not paid for {passes} passes: the target decodes without its "
                     f"{self.snapshots} rollback snapshots now (faster), {cache}")
