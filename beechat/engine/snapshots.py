@@ -3,14 +3,14 @@
 A hybrid or recurrent target rolls rejected drafts back through `n_rs_seq` snapshots of its
 state, and llama.cpp writes them on every decode (the DeltaNet layers' convolution state into each
 of the `n_rs_seq + 1` slots, whatever the batch): on an H200 plain decoding in such a context ran
-at 0.86x (n_rs_seq 32) and 0.94x (16) of one without (docs/benchmarks.md). So when the draft
-controller has not drafted for a number of passes (SnapshotSwitch.off_passes), the engine recreates the target's context
-without snapshots before the next reply. The conversation's cache is carried over through host
-memory (llama.cpp's per-sequence state: attention cells and the recurrent state, whatever
-n_rs_seq), so nothing is evaluated again; where that copy cannot be had, the next prefill reads
-the conversation again. The drafter
-then only probes beside plain passes (greedy replies; a sampled reply does not probe), and when
-the probes show that drafting pays again the snapshots come back before the next reply.
+at 0.82-0.86x (n_rs_seq 32) and 0.94x (16) of one without (docs/benchmarks.md). So when the
+draft controller has not drafted for SnapshotSwitch.off_passes passes, the engine recreates the
+target's context without snapshots before the next reply. The conversation's cache is carried
+over through host memory (llama.cpp's per-sequence state: attention cells and the recurrent
+state, whatever n_rs_seq), so nothing is evaluated again; where that copy cannot be had, the next
+prefill reads the conversation again. The drafter then only probes beside plain passes (greedy
+replies; a sampled reply does not probe), and when the probes show that drafting pays again the
+snapshots come back the same way before the next reply.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ class SnapshotSwitch:
 
     # Passes without drafting before the snapshots go: OFF_PASS_BUDGET / n_rs_seq (128 at 32
     # snapshots, 256 at 16). What the snapshots waste grows with their count (H200, 27B hybrid: 2.5
-    # ms a pass at 32, about 0.7 at 16), a switch costs about 0.2 s (the context freed, allocated
-    # and its cache carried over): this drops them after about twice the waste a switch costs
-    # (ski rental), so a draft that pays again now and then does not make the engine flap.
+    # ms a pass at 32, about 0.7 at 16) and a switch costs 0.2-0.25 s (the context freed, allocated
+    # and its cache carried over): they go once they have wasted about what a switch costs (0.2-0.3
+    # s; ski rental: never more than about twice the best choice made in hindsight), so a draft
+    # that pays now and then does not make the engine flap.
     OFF_PASS_BUDGET: ClassVar[int] = 4096
 
     @property
