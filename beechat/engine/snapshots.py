@@ -70,10 +70,10 @@ class SnapshotSwitch:
         passes = generator.controller.off_passes
         observers = list(old.observers)
         was = old.n_rs_seq
-        empty = old.n_past == 0
+        empty = old.n_past == 0  # nothing to carry
         carried: tuple[list[int], npt.NDArray[np.uint8]] | None = None  # None: the next prefill reads it again
         # a long chat's cache can be gigabytes: carry it only where host memory has room to spare
-        if old.n_past and old.state_size() <= available_memory(use_gpu=False)[0] // 2:
+        if not empty and old.state_size() <= available_memory(use_gpu=False)[0] // 2:
             with contextlib.suppress(LlamaError, MemoryError):
                 carried = old.export_state()
         old.close()
@@ -83,7 +83,7 @@ class SnapshotSwitch:
         except LlamaError as exc:  # e.g. no memory for the snapshots now: back to what worked
             failure = str(exc)
             context = make_context(was)  # raises too where even that cannot be had
-        kept = carried is not None and context.import_state(*carried)
+        kept = empty or (carried is not None and context.import_state(*carried))
         del carried
         context.observers.extend(observers)
         generator.move_to(context, kept)
@@ -92,7 +92,7 @@ class SnapshotSwitch:
             self.stuck = True  # each attempt frees and allocates the context again: not one per reply
             return (f"the target's context could not be recreated with {n_rs_seq} rollback snapshots "
                     f"({failure}); it keeps {was} for this session (reload the model to try again)")
-        cache = "its cache carried over" if kept or empty else "the conversation is read again once"
+        cache = "its cache carried over" if kept else "the conversation is read again once"
         if context.n_rs_seq == 0:
             return (f"drafting has not paid for {passes} passes: the target decodes without its "
                     f"{self.snapshots} rollback snapshots now (faster), {cache}")
